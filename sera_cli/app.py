@@ -1,0 +1,72 @@
+"""The `sera` command: a Typer app whose commands live in `sera_cli/commands/<name>.py`.
+
+Each command module has `register(app)`. Domain errors become one line on stderr and a non-zero exit here,
+once; `SERA_DEBUG=1` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable
+
+import typer
+
+from sera_cli import __version__
+from sera_cli.errors import SeraError
+
+COMMANDS = ("convert", "score", "select", "mix", "generate", "train", "run", "report", "inspect", "sql")
+
+app = typer.Typer(
+    name="sera",
+    help="Curate preference data with SeRA: score implicit rewards, select pairs, bootstrap, mix and train.\n\n"
+         "Every stage reads and writes Parquet ('-' is stdin/stdout), so stages chain in shell pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Map domain errors to one stderr line and exit code; Ctrl-C to exit 130 with a hint."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SeraError as err:
+            if os.environ.get("SERA_DEBUG") == "1":
+                raise
+            sys.stderr.write(f"error: {err}\n")
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted: no output was written; rerun with --resume to keep finished work\n")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sera {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """sera: SeRA preference-data curation."""
+
+
+for _name in COMMANDS:
+    _module = f"sera_cli.commands.{_name}"
+    if importlib.util.find_spec(_module) is not None:
+        importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,161 @@
+"""Reading and writing Parquet tables: files, globs, stdin/stdout ('-'), atomic replacement.
+
+Every reader reports problems as `InputError` naming the file; every writer writes to a temporary file beside
+the target and renames it, so a failed or interrupted run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sera_cli.errors import InputError
+
+STDIO = "-"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file's place in a concatenated table: rows [start, start + rows)."""
+
+    name: str
+    start: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Tables read from one or more files, concatenated, with the map back to each file's rows."""
+
+    table: pa.Table
+    sources: tuple[Source, ...]
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(file name, row within that file) for a row of the concatenated table."""
+        for s in self.sources:
+            if s.start <= row < s.start + s.rows:
+                return s.name, row - s.start
+        raise IndexError(row)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(s.name for s in self.sources)
+
+
+def expand(specs: list[str]) -> list[str]:
+    """Expand globs; '-' stays as stdin. A pattern that matches nothing is an error naming it."""
+    paths: list[str] = []
+    for spec in specs:
+        if spec == STDIO:
+            paths.append(spec)
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(glob.glob(spec))
+            if not found:
+                raise InputError(spec, "no file matches this pattern")
+            paths.extend(found)
+        else:
+            paths.append(spec)
+    if paths.count(STDIO) > 1:
+        raise InputError(STDIO, "standard input can be read only once")
+    return paths
+
+
+def read_parquet(path: str) -> pa.Table:
+    """One Parquet file (or stdin for '-'), with a one-line error for anything unreadable."""
+    name = "<stdin>" if path == STDIO else path
+    try:
+        if path == STDIO:
+            data = sys.stdin.buffer.read()
+            if not data:
+                raise InputError(name, "standard input is empty", hint="pipe a Parquet file into it")
+            return pq.read_table(io.BytesIO(data))
+        if not os.path.exists(path):
+            raise InputError(name, "no such file")
+        if os.path.isdir(path):
+            raise InputError(name, "is a folder, not a Parquet file")
+        if os.path.getsize(path) == 0:
+            raise InputError(name, "is empty (0 bytes)", hint="was it written completely?")
+        return pq.read_table(path)
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(name, f"not a readable Parquet file: {first}",
+                         hint="truncated or not Parquet? 'sera convert' reads JSONL") from None
+
+
+def read_inputs(specs: list[str], *, allow_empty: bool = False) -> Inputs:
+    """Read and concatenate several Parquet inputs. Their columns must agree."""
+    tables, sources, start = [], [], 0
+    for path in expand(specs):
+        table = read_parquet(path)
+        name = "<stdin>" if path == STDIO else path
+        if table.num_rows == 0 and not allow_empty:
+            raise InputError(name, "has no rows")
+        tables.append(table)
+        sources.append(Source(name, start, table.num_rows))
+        start += table.num_rows
+    if not tables:
+        raise InputError("<none>", "no input files given")
+    if len(tables) == 1:
+        return Inputs(tables[0], tuple(sources))
+    first = tables[0]
+    for t, s in zip(tables[1:], sources[1:], strict=True):
+        if set(t.column_names) != set(first.column_names):
+            missing = sorted(set(first.column_names) ^ set(t.column_names))
+            raise InputError(s.name, f"columns differ from {sources[0].name}: {', '.join(missing)}")
+    try:
+        table = pa.concat_tables([t.select(first.column_names) for t in tables], promote_options="permissive")
+    except pa.ArrowException as err:
+        raise InputError(sources[-1].name, f"column types differ from {sources[0].name}: {err}") from None
+    # Keep the first file's key-value metadata (its provenance) on the concatenation.
+    return Inputs(table.replace_schema_metadata(first.schema.metadata), tuple(sources))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    """Write a table to a file atomically, or to stdout for '-'."""
+    if path == STDIO:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        sys.stdout.buffer.write(buf.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    if os.path.isdir(path):
+        raise InputError(path, "is a folder; give a file name for the output")
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work when the output cannot be written (missing permission, folder in the way)."""
+    if path == STDIO:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(path, "is a folder; give a file name for the output")
+    parent = target.parent if str(target.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(path, "cannot be written: no permission on its folder")

