@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 

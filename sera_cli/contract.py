@@ -92,6 +92,14 @@ def check_candidates(inputs: Inputs) -> Kind:
     return kind
 
 
+def check_prompts(inputs: Inputs) -> Kind:
+    """Validate the `prompt` column of any table (generation input): present, not null, not empty."""
+    _require(inputs, ("prompt",), "generation prompts")
+    kind = column_kind(inputs, "prompt")
+    _check_text(inputs, "prompt", kind)
+    return kind
+
+
 def is_candidates(table: pa.Table) -> bool:
     """A candidates table has `response` and no `chosen`/`rejected`."""
     names = set(table.column_names)

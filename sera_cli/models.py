@@ -103,6 +103,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -157,11 +158,20 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     return tok
 
 
+def quiet_transformers() -> None:
+    """sera draws its own progress; silence transformers' per-load bars and advisory warnings."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_model(ref: ModelRef, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                train: bool = False):
     """The causal LM in eval mode (unless `train`), on `device`, in `dtype`; PEFT adapters merged for scoring."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:

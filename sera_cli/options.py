@@ -35,3 +35,9 @@ ShardOpt = Annotated[str | None, typer.Option(
     "--shard", help="i/n: process only the i-th of n disjoint slices (0-based), e.g. 0/4.")]
 CacheOpt = Annotated[str | None, typer.Option(
     "--cache", help="Log-prob cache folder: rows already scored by the same model cost nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for machines).")]
+K1Opt = Annotated[float, typer.Option(
+    "--k1", help="Fraction of the offline set kept by IRM (paper section 3.2; default 0.7).", min=0.0)]
+K2Opt = Annotated[float, typer.Option(
+    "--k2", help="Fraction (of the offline set size N) of generated pairs kept by IRM (paper section 3.3).",
+    min=0.0)]

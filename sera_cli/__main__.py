@@ -1,0 +1,3 @@
+from sera_cli.app import main
+
+main()

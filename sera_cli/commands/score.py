@@ -1,0 +1,61 @@
+"""`sera score`: parse options, call `sera_cli.score.score`, print one summary line."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sera_cli import options as o
+
+
+def score_command(
+    inputs: o.InputsArg,
+    output: o.OutputOpt = "-",
+    policy: o.PolicyOpt = "smollm2-135m",
+    ref: o.RefOpt = None,
+    reward: Annotated[str, typer.Option("--reward", help="dpo: beta*(log pi - log pi_ref), summed (Eq. 5); "
+                                        "simpo: beta/|y| * log pi, reference-free.")] = "dpo",
+    beta: o.BetaOpt = 0.1,
+    prev: Annotated[str | None, typer.Option("--prev", help="Scored file of the previous iteration: "
+                                             "irm = lambda*irm_prev + (1-lambda)*irm_now (Eq. 7), joined on id.")] = None,
+    ensemble_lambda: Annotated[float, typer.Option("--ensemble-lambda", help="lambda of the IRM ensemble.")] = 0.3,
+    prev_missing: Annotated[str, typer.Option("--prev-missing", help="Rows absent from --prev: 'error' or "
+                                              "'current' (use the current IRM).")] = "error",
+    dtype: o.DtypeOpt = "auto",
+    device: o.DeviceOpt = "auto",
+    max_length: o.MaxLengthOpt = o.MAX_LENGTH,
+    max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.",
+                                              min=1)] = 4096,
+    low_memory: Annotated[bool, typer.Option("--low-memory", help="Keep one model in memory at a time.")] = False,
+    cache: o.CacheOpt = None,
+    resume: o.ResumeOpt = False,
+    shard: o.ShardOpt = None,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows per resumable chunk.", min=1)] = 256,
+    trust_remote_code: o.TrustRemoteCodeOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Score preference pairs (or candidates) with implicit rewards: log-probs, rewards and IRM per row.
+
+    Example: sera score pairs.parquet --policy pi1/ --ref smollm2-135m -o scored.parquet
+    """
+    from sera_cli.console import console
+    from sera_cli.errors import ConfigError
+    from sera_cli.score import parse_shard, score
+    from sera_cli.score_config import ScoreConfig
+
+    if reward not in ("dpo", "simpo"):
+        raise ConfigError(f"--reward {reward}: expected dpo or simpo")
+    if prev_missing not in ("error", "current"):
+        raise ConfigError(f"--prev-missing {prev_missing}: expected error or current")
+    config = ScoreConfig(tuple(inputs), output, policy, ref, reward, beta, prev, ensemble_lambda, prev_missing,
+                         dtype, device, max_length, max_prompt_length, batch_tokens, low_memory, cache, resume,
+                         parse_shard(shard), chunk_rows, trust_remote_code, progress=not quiet)
+    console.print(score(config).line(), soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    from sera_cli.app import guarded
+
+    app.command("score")(guarded(score_command))

@@ -1,0 +1,145 @@
+"""Keeping the pairs with the largest margins: the top fraction or count by IRM (SeRA paper, section 3.2).
+
+Ranking is deterministic: the score column descending, ties broken by `id` ascending. The kept rows are
+written best first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sera_cli.errors import ConfigError, InputError
+from sera_cli.io import Inputs
+from sera_cli.pairing import PairStats, build_pairs
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    inputs: tuple[str, ...]
+    output: str
+    top: float | None = None
+    count: int | None = None
+    min_irm: float | None = None
+    by: str = "irm"
+    drop_ties: bool = False
+    pairs: bool = False
+
+    def validate(self) -> None:
+        """Every problem at once, as one ConfigError."""
+        problems = []
+        if self.top is not None and not 0.0 < self.top <= 1.0:
+            problems.append(f"--top must be a fraction in (0, 1], got {self.top}")
+        if self.count is not None and self.count < 0:
+            problems.append(f"--count must be >= 0, got {self.count}")
+        if self.top is not None and self.count is not None:
+            problems.append("give --top or --count, not both")
+        if not self.pairs and self.top is None and self.count is None and self.min_irm is None \
+                and not self.drop_ties:
+            problems.append("nothing to select by: give --top, --count, --min-irm or --drop-ties")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which rows a selection keeps (`indices`, best first) and why the others went."""
+
+    indices: np.ndarray
+    cutoff: float | None
+    beyond_top: int
+    ties_dropped: int
+    below_min: int
+
+
+def fraction_count(fraction: float, n: int) -> int:
+    """How many of `n` rows a fraction keeps: floor(fraction * n), robust to 0.7 * 10 = 6.999..."""
+    return max(0, math.floor(fraction * n + EPS))
+
+
+def rank(scores: np.ndarray, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Row indices, best first: `scores` descending, ties broken by `ids` ascending."""
+    import polars as pl
+
+    frame = pl.DataFrame({"s": scores, "id": pl.from_arrow(ids)}).with_row_index("_row")
+    ordered = frame.sort(["s", "id"], descending=[True, False], maintain_order=True)
+    return ordered["_row"].to_numpy().astype(np.int64)
+
+
+def choose(scores: np.ndarray, ids, *, top: float | None = None, count: int | None = None,
+           min_value: float | None = None, drop_ties: bool = False) -> Choice:
+    """Rank rows, keep the first `top` fraction (or `count`) of all rows, then drop ties (score exactly 0)
+    and rows below `min_value` from those."""
+    n = len(scores)
+    order = rank(scores, ids)
+    k = n if top is None and count is None else fraction_count(top, n) if top is not None else min(count, n)
+    head = order[:k]
+    values = scores[head]
+    ties = (values == 0) if drop_ties else np.zeros(k, bool)
+    below = (values < min_value) & ~ties if min_value is not None else np.zeros(k, bool)
+    kept = head[~(ties | below)]
+    cutoff = float(scores[kept[-1]]) if len(kept) else None
+    return Choice(kept, cutoff, n - k, int(ties.sum()), int(below.sum()))
+
+
+@dataclass(frozen=True)
+class SelectSummary:
+    rows_in: int
+    rows_out: int
+    choice: Choice
+    pairs: PairStats | None
+
+
+def select(config: SelectConfig) -> SelectSummary:
+    """Read scored pairs (or, with `pairs`, scored candidates), keep the best rows, write them with provenance."""
+    from sera_cli import lineage, provenance
+    from sera_cli.contract import check_candidates, is_candidates, with_ids
+    from sera_cli.io import check_writable, read_inputs, write_parquet
+
+    config.validate()
+    check_writable(config.output)
+    inputs = read_inputs(list(config.inputs))
+    table, stats = inputs.table, None
+    if config.pairs:
+        check_candidates(inputs)
+        score_column(inputs, table, "reward")
+        table, stats = build_pairs(inputs)
+    elif is_candidates(table):
+        raise InputError(inputs.sources[0].name, "holds candidates (one response per row), not pairs",
+                         hint="add --pairs to build the max-IRM pair of each prompt")
+    table = with_ids(table)
+    scores = score_column(inputs, table, config.by, locate=not config.pairs)
+    choice = choose(scores, table.column("id"), top=config.top, count=config.count,
+                    min_value=config.min_irm, drop_ties=config.drop_ties)
+    parents = lineage.parents(inputs)
+    prov = provenance.record("select", config.as_dict(), parents=parents, rows_in=table.num_rows,
+                             rows_out=len(choice.indices), cutoff=choice.cutoff,
+                             pairs=asdict(stats) if stats else None, logps=lineage.find(parents, "logps"))
+    write_parquet(provenance.attach(table.take(choice.indices), prov), config.output)
+    return SelectSummary(table.num_rows, len(choice.indices), choice, stats)
+
+
+def score_column(inputs: Inputs, table: pa.Table, column: str, *, locate: bool = True) -> np.ndarray:
+    """A numeric column as float64; a missing, non-numeric, null or NaN value is an error naming the row."""
+    if column not in table.column_names:
+        have = ", ".join(table.column_names)
+        raise InputError(inputs.sources[0].name, f"has no column '{column}' to rank by (has: {have})",
+                         hint="score it first with 'sera score'")
+    col = table.column(column)
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        raise InputError(inputs.sources[0].name, f"has type {col.type}; expected numbers", column=column)
+    bad = pc.or_kleene(pc.is_null(col), pc.is_nan(pc.cast(col, pa.float64())))
+    if pc.any(bad).as_py():
+        row = int(pc.index(bad, True).as_py())
+        file, local = inputs.locate(row) if locate else (inputs.name, row)
+        raise InputError(file, "is null or NaN", row=local, column=column, hint="drop the row or rescore it")
+    return pc.cast(col, pa.float64()).to_numpy()

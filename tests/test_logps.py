@@ -1,0 +1,107 @@
+"""The shared log-prob function against an independent computation, and batched against one-at-a-time."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import STANDARD_ROWS, conversational_table, standard_table
+
+from sera_cli.encode import encode, truncate
+from sera_cli.logps import collate, sequence_logps
+from sera_cli.models import load_model, load_tokenizer, resolve
+from sera_cli.score import score
+from sera_cli.score_config import ScoreConfig
+
+
+def naive_logp(model, tok, prompt, response) -> tuple[float, int]:
+    """Independent: full forward over prompt+response, full-vocabulary log-softmax, sum over the response."""
+    if isinstance(prompt, str):
+        p = tok(prompt)["input_ids"]
+        full = tok(prompt + response + tok.eos_token)["input_ids"]
+    else:
+        p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"]
+    assert full[: len(p)] == p
+    with torch.no_grad():
+        logits = model(torch.tensor([full])).logits[0].double().log_softmax(-1)
+    return sum(logits[t - 1, full[t]].item() for t in range(len(p), len(full))), len(full) - len(p)
+
+
+def _score_file(tmp_path, table, model_dir, name="in.parquet"):
+    src = tmp_path / name
+    pq.write_table(table, src)
+    out = tmp_path / f"scored-{name}"
+    score(ScoreConfig((str(src),), str(out), model_dir, model_dir, progress=False, batch_tokens=512))
+    return pq.read_table(out).to_pylist()
+
+
+@pytest.mark.parametrize("table_fn", [standard_table, conversational_table], ids=["standard", "conversational"])
+def test_score_logps_match_independent_tiny(tmp_path, tiny_policy, table_fn):
+    ref = resolve(tiny_policy)
+    model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
+    rows = _score_file(tmp_path, table_fn(), tiny_policy)
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            lp, n = naive_logp(model, tok, row["prompt"], row[side])
+            assert row[f"logp_policy_{side}"] == pytest.approx(lp, abs=1e-4)
+            assert row[f"ntok_{side}"] == n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table_fn", [standard_table, conversational_table], ids=["standard", "conversational"])
+def test_score_logps_match_independent_smollm2(tmp_path, smol, table_fn):
+    model, tok = load_model(smol, "float32", "cpu"), load_tokenizer(smol)
+    rows = _score_file(tmp_path, table_fn(), "smollm2-135m")
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            lp, n = naive_logp(model, tok, row["prompt"], row[side])
+            assert row[f"logp_policy_{side}"] == pytest.approx(lp, abs=1e-4)
+            assert row[f"ntok_{side}"] == n
+        assert row["irm"] == pytest.approx(0.0, abs=1e-9)  # policy == reference
+
+
+def test_batched_equals_one_at_a_time(tiny_policy):
+    ref = resolve(tiny_policy)
+    model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
+    encs = [encode(tok, p, [c, r]) for p, c, r in STANDARD_ROWS]
+    seqs = [(e.sequence(j), len(e.prompt)) for e in encs for j in (0, 1)]
+    with torch.no_grad():
+        batched, nb = sequence_logps(model, **collate(seqs, tok.pad_token_id))
+        single = [sequence_logps(model, **collate([s], tok.pad_token_id)) for s in seqs]
+    torch.testing.assert_close(batched, torch.cat([s[0] for s in single]), atol=1e-5, rtol=0)
+    assert nb.tolist() == [s[1].item() for s in single]
+
+
+def test_average_divides_by_token_count(tiny_policy):
+    ref = resolve(tiny_policy)
+    model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
+    e = encode(tok, "Human: hi\n\nAssistant:", [" hello there"])
+    batch = collate([(e.sequence(0), len(e.prompt))], tok.pad_token_id)
+    with torch.no_grad():
+        total, n = sequence_logps(model, **batch)
+        mean, _ = sequence_logps(model, **batch, average=True)
+    torch.testing.assert_close(mean, total / n)
+
+
+def test_sequence_logps_rejects_mismatched_shapes(tiny_policy):
+    model = load_model(resolve(tiny_policy), "float32", "cpu")
+    with pytest.raises(ValueError, match="shapes differ"):
+        sequence_logps(model, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 4, dtype=torch.long))
+
+
+def test_gradient_flows(tiny_policy):
+    model = load_model(resolve(tiny_policy), "float32", "cpu", train=True)
+    batch = collate([([1, 2, 3, 4, 5], 2), ([1, 2, 3], 1)], 2)
+    logps, _ = sequence_logps(model, **batch)
+    logps.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_truncation_cuts_prompt_left_and_response_right():
+    prompt, (c, r), cut = truncate(list(range(10)), [list(range(100, 108)), [200, 201]], max_length=12,
+                                   max_prompt_length=6)
+    assert prompt == [4, 5, 6, 7, 8, 9]  # last 6 prompt tokens
+    assert c == [100, 101, 102, 103, 104, 105] and r == [200, 201]  # chosen cut to 12 - 6
+    assert cut
+    assert truncate([1, 2], [[3]], 10, 5) == ([1, 2], [[3]], False)
