@@ -46,18 +46,21 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     else:
         decoder, head = parts
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        hidden = hidden[:, :-1][mask]
-        if torch.is_grad_enabled():
-            picked = _token_logps(head(hidden), tok)
-        else:
-            picked = torch.cat([_token_logps(head(hidden[i:i + _PROJECT_CHUNK]), tok[i:i + _PROJECT_CHUNK])
-                                for i in range(0, len(tok), _PROJECT_CHUNK)]) if len(tok) else hidden.new_zeros(0)
+        picked = projected_logps(head, hidden[:, :-1][mask], tok)
     B = input_ids.shape[0]
     logps = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, picked.float())
     ntok = mask.sum(dim=1)
     if average:
         logps = logps / ntok.clamp(min=1)
     return logps, ntok
+
+
+def projected_logps(head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(hidden))[token] per row; in chunks when no gradient is needed, to bound memory."""
+    if torch.is_grad_enabled() or len(tokens) <= _PROJECT_CHUNK:
+        return _token_logps(head(hidden), tokens)
+    return torch.cat([_token_logps(head(hidden[i:i + _PROJECT_CHUNK]), tokens[i:i + _PROJECT_CHUNK])
+                      for i in range(0, len(tokens), _PROJECT_CHUNK)])
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

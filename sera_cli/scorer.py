@@ -31,21 +31,59 @@ def batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return out
 
 
+def group_batches(groups: Sequence[tuple[int, list[int]]], batch_tokens: int) -> list[list[int]]:
+    """Prompt groups (prompt length, response lengths) packed so that the padded prompt block plus the padded
+    response block of a batch stay within `batch_tokens`; longest first."""
+    order = sorted(range(len(groups)), key=lambda g: (-(groups[g][0] + max(groups[g][1])), g))
+    out: list[list[int]] = []
+    for g in order:
+        if out:
+            trial = out[-1] + [g]
+            lp = max(groups[i][0] for i in trial)
+            r = max(max(groups[i][1]) for i in trial)
+            if len(trial) * lp + sum(len(groups[i][1]) for i in trial) * r <= batch_tokens:
+                out[-1].append(g)
+                continue
+        out.append([g])
+    return out
+
+
 def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_tokens: int = 4096,
-                    on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    on_batch: Callable[[int, int], None] | None = None,
+                    share_prompts: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs and response token counts of (ids, prompt_len) sequences, in input order.
 
-    `on_batch(n_sequences, n_tokens)` is called after each batch (for progress bars).
+    Sequences that share a prompt (a pair's chosen and rejected, a prompt's candidates) run the prompt once
+    (`sera_cli.prefix_sharing`); the others run as length-sorted padded batches. `on_batch(n_sequences,
+    n_tokens)` is called after each batch with the sequences' full token counts (for progress bars).
     """
     import torch
 
     from sera_cli.logps import collate, sequence_logps
+    from sera_cli.prefix_sharing import can_share, shared_prompt_logps
 
     logp = np.zeros(len(sequences), dtype=np.float64)
     ntok = np.zeros(len(sequences), dtype=np.int64)
     device = next(model.parameters()).device
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, plen) in enumerate(sequences):
+        by_prompt.setdefault(tuple(ids[:plen]), []).append(i)
+    share = share_prompts and can_share(model)
+    groups = [(p, idx) for p, idx in by_prompt.items() if share and len(idx) > 1 and len(p) > 0]
+    single = sorted(i for p, idx in by_prompt.items() if not (share and len(idx) > 1 and len(p) > 0) for i in idx)
     with torch.inference_mode():
-        for idx in batches([len(s[0]) for s in sequences], batch_tokens):
+        shape = [(len(p), [len(sequences[i][0]) - len(p) for i in idx]) for p, idx in groups]
+        for gb in group_batches(shape, batch_tokens) if groups else []:
+            members = [i for g in gb for i in groups[g][1]]
+            owner = [k for k, g in enumerate(gb) for _ in groups[g][1]]
+            lp, n = shared_prompt_logps(model, [list(groups[g][0]) for g in gb],
+                                        [sequences[i][0][sequences[i][1]:] for i in members], owner, pad_id)
+            logp[members] = lp.double().cpu().numpy()
+            ntok[members] = n.cpu().numpy()
+            if on_batch:
+                on_batch(len(members), sum(len(sequences[i][0]) for i in members))
+        for b in batches([len(sequences[i][0]) for i in single], batch_tokens) if single else []:
+            idx = [single[j] for j in b]
             batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
             lp, n = sequence_logps(model, **batch)
             logp[idx] = lp.double().cpu().numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -105,3 +106,16 @@ def test_truncation_cuts_prompt_left_and_response_right():
     assert c == [100, 101, 102, 103, 104, 105] and r == [200, 201]  # chosen cut to 12 - 6
     assert cut
     assert truncate([1, 2], [[3]], 10, 5) == ([1, 2], [[3]], False)
+
+
+def test_prompt_sharing_equals_separate_sequences(tiny_policy):
+    from sera_cli.scorer import flat_sequences, sequences_logps
+
+    ref = resolve(tiny_policy)
+    model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
+    encs = [encode(tok, p, [c, r, c + " and more"]) for p, c, r in STANDARD_ROWS]
+    seqs = flat_sequences(encs) + [(encs[0].sequence(0), len(encs[0].prompt) + 1)]  # one unshared prompt
+    shared, n1 = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=256)
+    separate, n2 = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=256, share_prompts=False)
+    np.testing.assert_allclose(shared, separate, atol=1e-4, rtol=0)
+    assert (n1 == n2).all()

@@ -1,0 +1,136 @@
+"""Benchmark: `sera score` against a straightforward TRL-style scorer, same process, same pairs.
+
+Baseline: chosen and rejected of each pair concatenated in one right-padded batch, full-vocabulary logits and
+log-softmax at every position, policy and reference both in memory. sera: `sera_cli.score.score` end to end
+(tokenization, length-sorted token-budget batches, vocabulary projection at response positions only).
+
+    python tests/bench/score.py --pairs 512          # fp32 and bf16, HH-RLHF helpful-base test pairs
+
+Prints tokens/s (prompt+response tokens of both responses, for both models), the ratio, the largest log-prob
+difference, and for bf16 the fraction of this machine's bf16 matmul peak (measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hh import hh_pairs  # noqa: E402
+
+from sera_cli.encode import encode  # noqa: E402
+from sera_cli.models import load_model, load_tokenizer, resolve  # noqa: E402
+from sera_cli.score import score  # noqa: E402
+from sera_cli.score_config import ScoreConfig  # noqa: E402
+
+FLOP_PER_TOKEN = None  # filled from the model: 2 * parameters
+
+
+def baseline(models, tok, rows, batch_pairs: int) -> tuple[np.ndarray, int, float]:
+    """TRL-style: [chosen; rejected] padded together, full logits, log-softmax over the vocabulary."""
+    encs = [encode(tok, r["prompt"], [r["chosen"], r["rejected"]], 1024, 512) for r in rows]
+    out = np.zeros((len(models), len(rows) * 2))
+    tokens = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for m, model in enumerate(models):
+            for s in range(0, len(encs), batch_pairs):
+                group = encs[s:s + batch_pairs]
+                seqs = [(e.sequence(j), len(e.prompt)) for j in (0, 1) for e in group]
+                T = max(len(x) for x, _ in seqs)
+                ids = torch.full((len(seqs), T), tok.pad_token_id)
+                att = torch.zeros((len(seqs), T), dtype=torch.long)
+                mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+                for i, (x, p) in enumerate(seqs):
+                    ids[i, :len(x)] = torch.tensor(x)
+                    att[i, :len(x)] = 1
+                    mask[i, p:len(x)] = True
+                tokens += int(att.sum())
+                logp = model(input_ids=ids, attention_mask=att).logits.float().log_softmax(-1)
+                tok_logp = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                sums = (tok_logp * mask[:, 1:]).sum(-1).double().numpy()
+                n = len(group)
+                for k in range(n):
+                    out[m, 2 * (s + k)] = sums[k]
+                    out[m, 2 * (s + k) + 1] = sums[n + k]
+    return out, tokens, time.perf_counter() - t0
+
+
+def sera_run(path: Path, dtype: str, batch_tokens: int) -> tuple[np.ndarray, int, float]:
+    out = path.with_name(f"scored-{dtype}.parquet")
+    summary = score(ScoreConfig((str(path),), str(out), "smollm2-135m", "smollm2-135m-ref", dtype=dtype,
+                                device="cpu", progress=False, batch_tokens=batch_tokens))
+    t = pq.read_table(out).to_pydict()
+    flat = lambda a, b: np.stack([a, b], 1).reshape(-1)  # noqa: E731
+    logps = np.stack([flat(t["logp_policy_chosen"], t["logp_policy_rejected"]),
+                      flat(t["logp_ref_chosen"], t["logp_ref_rejected"])])
+    return logps, summary.tokens, summary.seconds
+
+
+def bf16_peak() -> float:
+    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    n, t0 = 20, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return n * 2 * 2048**3 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=512)
+    ap.add_argument("--baseline-batch", type=int, default=1, help="pairs per baseline batch (2 sequences each)")
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+    rows = hh_pairs("helpful-base", args.pairs)
+    tmp = Path(tempfile.mkdtemp())
+    path = tmp / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    smol = resolve("smollm2-135m")
+    # A reference that is a distinct folder with the same weights, as in iteration 1 of SeRA (pi_ref = SFT).
+    ref_dir = tmp / "smollm2-135m-ref"
+    ref_dir.symlink_to(smol.path, target_is_directory=True)
+    import os
+
+    os.chdir(tmp)
+    tok = load_tokenizer(smol)
+    params = sum(p.numel() for p in load_model(smol, "float32", "cpu").parameters())
+    print(f"{len(rows)} pairs, {params / 1e6:.0f}M parameters, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for dtype in args.dtypes.split(","):
+        models = [load_model(resolve(str(x)), dtype, "cpu") for x in (smol.path, ref_dir)]
+        base, btok, bsec = baseline(models, tok, rows, args.baseline_batch)
+        del models
+        ours, stok, ssec = sera_run(path, dtype, args.batch_tokens)
+        diff = np.abs(base - ours).max()
+        print(f"[{dtype}] baseline (batch {args.baseline_batch} pair): {btok / bsec:,.0f} tok/s ({bsec:.1f} s)   "
+              f"sera score: {stok / ssec:,.0f} tok/s ({ssec:.1f} s, incl. tokenization and model loads)   "
+              f"ratio {stok / ssec / (btok / bsec):.2f}x   max |logp diff| vs baseline {diff:.2e}")
+        if dtype == "bfloat16":
+            peak = bf16_peak()
+            achieved = stok / ssec * 2 * params
+            print(f"[bfloat16] matmul peak {peak / 1e9:,.0f} GFLOP/s; sera score reaches {achieved / 1e9:,.0f} "
+                  f"GFLOP/s = {achieved / peak:.0%} of peak (2 x parameters FLOP per token)")
+        if dtype == "float32":
+            fp32 = ours
+        else:
+            err = np.abs(ours - fp32)
+            irm32 = (fp32[0, 0::2] - fp32[1, 0::2]) - (fp32[0, 1::2] - fp32[1, 1::2])
+            irm16 = (ours[0, 0::2] - ours[1, 0::2]) - (ours[0, 1::2] - ours[1, 1::2])
+            print(f"[{dtype}] accuracy vs float32: summed log-prob |diff| mean {err.mean():.3f}, max {err.max():.3f} "
+                  f"nats; IRM (beta=1) |diff| mean {np.abs(irm16 - irm32).mean():.3f}, max "
+                  f"{np.abs(irm16 - irm32).max():.3f}; sign agreement {np.mean(np.sign(irm16) == np.sign(irm32)):.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Parity with TRL's DPOTrainer (1.16): the same token split and the same reference log-probs.
+
+TRL is installed with the `parity` extra; the test skips where it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import conversational_table, standard_table
+
+from sera_cli.encode import encode
+from sera_cli.models import load_tokenizer, resolve
+from sera_cli.score import score
+from sera_cli.score_config import ScoreConfig
+
+trl = pytest.importorskip("trl", reason="TRL parity needs `pip install trl==1.16.0` (the parity extra)")
+
+
+def _key(row) -> str:
+    """Prompts are unique in these tables (TRL rewrites `chosen` with the EOS appended)."""
+    return json.dumps(row["prompt"], sort_keys=True)
+
+
+@pytest.mark.parametrize("table_fn", [standard_table, conversational_table], ids=["standard", "conversational"])
+def test_tokens_and_reference_logps_match_trl(tmp_path, tiny_policy, tiny_ref, table_fn):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    table = table_fn()
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), precompute_ref_log_probs=True, precompute_ref_batch_size=2,
+                     per_device_train_batch_size=2, report_to=[], use_cpu=True, max_length=1024,
+                     bf16=False)  # TRL defaults to bf16 autocast; compare in float32
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_policy),
+                         ref_model=AutoModelForCausalLM.from_pretrained(tiny_ref), args=args,
+                         train_dataset=Dataset.from_list(table.to_pylist()),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_policy))
+    theirs = {_key(r): r for r in trainer.train_dataset}
+    assert len(theirs) == table.num_rows
+
+    tok = load_tokenizer(resolve(tiny_ref))
+    src, out = tmp_path / "pairs.parquet", tmp_path / "scored.parquet"
+    pq.write_table(table, src)
+    score(ScoreConfig((str(src),), str(out), tiny_policy, tiny_ref, progress=False))
+    for row in pq.read_table(out).to_pylist():
+        trl_row = theirs[_key(row)]
+        enc = encode(tok, row["prompt"], [row["chosen"], row["rejected"]], 1024, 512)
+        assert enc.prompt == trl_row["prompt_ids"]
+        assert list(enc.responses[0]) == trl_row["chosen_ids"]
+        assert list(enc.responses[1]) == trl_row["rejected_ids"]
+        assert row["logp_ref_chosen"] == pytest.approx(trl_row["ref_chosen_logps"], abs=1e-4)
+        assert row["logp_ref_rejected"] == pytest.approx(trl_row["ref_rejected_logps"], abs=1e-4)
