@@ -1,0 +1,129 @@
+"""Chunked, resumable, cached log-prob computation for several models over one list of sequences."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sera_cli.console import console
+from sera_cli.score_config import ScoreConfig
+
+
+class ChunkedLogps:
+    """The log-prob work of one run: chunks x models, with resume files and the cache.
+
+    For each model (role), each chunk's log-probs are saved in `folder` as soon as they are done; a chunk whose
+    file exists is not recomputed (resume). With `--low-memory`, models run one after the other.
+    """
+
+    def __init__(self, config: ScoreConfig, folder: Path, n_rows: int, seqs, per_row: int,
+                 identities: dict[str, Any]):
+        self.config, self.seqs, self.per_row, self.identities = config, seqs, per_row, identities
+        self.dir = folder
+        self.n_chunks = -(-n_rows // config.chunk_rows)
+        self.computed = self.cached = self.resumed = self.tokens = self.sequences_done = 0
+        if self.dir.exists() and not config.resume:
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _chunk_seqs(self, c: int) -> range:
+        size = self.config.chunk_rows * self.per_row
+        return range(c * size, min((c + 1) * size, len(self.seqs)))
+
+    def _file(self, role: str, c: int) -> Path:
+        return self.dir / f"{role}-{c:06d}.npz"
+
+    def run(self, roles: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        phases = [[r] for r in roles] if self.config.low_memory else [list(roles)]
+        for phase in phases:
+            self._run_phase(phase, roles)
+        out = {}
+        for role in roles:
+            parts = [np.load(self._file(role, c)) for c in range(self.n_chunks)]
+            out[role] = (np.concatenate([p["logp"] for p in parts]) if parts else np.zeros(0),
+                         np.concatenate([p["ntok"] for p in parts]) if parts else np.zeros(0, np.int64))
+        return out
+
+    def _run_phase(self, phase: list[str], roles: dict[str, Any]) -> None:
+        from sera_cli.logp_cache import LogpCache
+
+        todo: dict[str, list[int]] = {}
+        for role in phase:
+            todo[role] = [c for c in range(self.n_chunks) if not self._file(role, c).exists()]
+            self.resumed += sum(len(self._chunk_seqs(c)) for c in range(self.n_chunks) if c not in todo[role])
+        caches = {r: LogpCache(self.config.cache, self.identities[r]) for r in phase} if self.config.cache else {}
+        hits: dict[str, dict[str, tuple[float, int]]] = {}
+        keys: dict[str, list[str]] = {}
+        for role in phase:
+            idx = [i for c in todo[role] for i in self._chunk_seqs(c)]
+            keys[role] = caches[role].keys([self.seqs[i] for i in idx]) if caches else []
+            hits[role] = caches[role].get(keys[role]) if caches else {}
+        missing = {role: sum(1 for k in keys[role] if k not in hits[role]) if caches else
+                   sum(len(self._chunk_seqs(c)) for c in todo[role]) for role in phase}
+        models = {role: self._load(roles[role]) for role in phase if missing[role]}
+        total_tokens = sum(len(self.seqs[i][0]) for role in phase for c in todo[role] for i in self._chunk_seqs(c))
+        with _progress(self.config.progress) as bar:
+            task = bar.add_task(f"scoring ({' + '.join(phase)})", total=max(total_tokens, 1), rate="")
+            t0 = time.perf_counter()
+            for c in sorted({c for role in phase for c in todo[role]}):
+                for role in phase:
+                    if c in todo[role]:
+                        self._chunk(role, c, models.get(role), caches.get(role), hits[role], bar, task, t0)
+        for role in list(models):
+            del models[role]
+        gc.collect()
+        for cache in caches.values():
+            cache.close()
+
+    def _chunk(self, role, c, model, cache, hits, bar, task, t0) -> None:
+        from sera_cli.scorer import sequences_logps
+
+        idx = list(self._chunk_seqs(c))
+        seqs = [self.seqs[i] for i in idx]
+        logp = np.zeros(len(idx))
+        ntok = np.zeros(len(idx), dtype=np.int64)
+        keys = cache.keys(seqs) if cache else [None] * len(idx)
+        need = [j for j, k in enumerate(keys) if k not in hits]
+        for j, k in enumerate(keys):
+            if k in hits:
+                logp[j], ntok[j] = hits[k]
+        self.cached += len(idx) - len(need)
+        bar.advance(task, sum(len(seqs[j][0]) for j in range(len(idx)) if j not in set(need)))
+        if need:
+            tok_pad = self._pad_id
+
+            def on_batch(n_seq: int, n_tok: int) -> None:
+                self.tokens += n_tok
+                self.sequences_done += n_seq
+                dt = max(time.perf_counter() - t0, 1e-9)
+                rows = self.sequences_done / self.per_row / dt
+                bar.update(task, advance=n_tok, rate=f"{rows:,.1f} rows/s {self.tokens / dt:,.0f} tok/s")
+
+            lp, n = sequences_logps(model, [seqs[j] for j in need], tok_pad, self.config.batch_tokens, on_batch)
+            logp[need], ntok[need] = lp, n
+            self.computed += len(need)
+            if cache:
+                cache.put([keys[j] for j in need], lp, n)
+        tmp = self._file(role, c).with_suffix(".tmp.npz")
+        np.savez(tmp, logp=logp, ntok=ntok)
+        tmp.replace(self._file(role, c))
+
+    def _load(self, ref):
+        from sera_cli.models import load_model, load_tokenizer
+
+        self._pad_id = load_tokenizer(ref, self.config.trust_remote_code).pad_token_id
+        with console.status(f"Loading {ref.spec}"):
+            return load_model(ref, self.config.dtype, self.config.device, self.config.trust_remote_code)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=False)
