@@ -134,13 +134,15 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     tables, reports, formats = [], [], {}
     for path in expand(list(config.inputs)):
         records = read_records(path)
-        cols, skipped, layout, fmt = convert_records(path, records, config.layout, config.format)
+        cols, skipped, layout, fmt = convert_records("<stdin>" if path == "-" else path, records, config.layout,
+                                                     config.format)
         formats[path] = fmt
         if len(set(formats.values())) > 1:
             detail = ", ".join(f"{f} is {k}" for f, k in formats.items())
             raise ConfigError(f"the inputs convert to different formats ({detail}); choose one with --format")
         tables.append(pa.table(cols))
-        reports.append(FileReport(path, layout, len(records), tables[-1].num_rows, skipped))
+        name = "<stdin>" if path == "-" else path
+        reports.append(FileReport(name, layout, len(records), tables[-1].num_rows, skipped))
     table = pa.concat_tables(tables, promote_options="permissive")
     if table.num_rows == 0:
         reasons = {why for r in reports for why in r.skipped}

@@ -70,10 +70,9 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
-def flip_report(irm: np.ndarray, flipped: np.ndarray, top: np.ndarray) -> dict[str, Any]:
-    """How IRM separates clean pairs (positives) from flipped ones; where the flipped land in the top k1."""
-    in_top = np.zeros(len(irm), bool)
-    in_top[top] = True
+def flip_report(irm: np.ndarray, flipped: np.ndarray, in_top: np.ndarray) -> dict[str, Any]:
+    """How IRM separates clean pairs (positives) from flipped ones; where the flipped land in the top k1
+    (`in_top`, a boolean mask)."""
     n_flip = int(flipped.sum())
     return {"count": n_flip, "rate": _round(n_flip / len(irm)), "auroc": _round(auroc(irm, ~flipped)),
             "share_of_top_k1": _round(float(flipped[in_top].mean()) if in_top.any() else None),
@@ -81,7 +80,10 @@ def flip_report(irm: np.ndarray, flipped: np.ndarray, top: np.ndarray) -> dict[s
 
 
 def margin_report(irm: np.ndarray, margin: np.ndarray) -> dict[str, Any]:
-    """IRM against an external score margin (score_chosen - score_rejected)."""
+    """IRM against an external score margin (score_chosen - score_rejected); rows without both scores are
+    left out."""
+    known = np.isfinite(margin)
+    irm, margin = irm[known], margin[known]
     agree, disagree, tied = margin > 0, margin < 0, margin == 0
     both = agree | disagree
     vs_ties = agree | tied
@@ -92,7 +94,7 @@ def margin_report(irm: np.ndarray, margin: np.ndarray) -> dict[str, Any]:
 
 
 def pair_report(table: pa.Table, k1: float, bins: int) -> dict[str, Any]:
-    from sera_cli.selection import fraction_count, rank
+    from sera_cli.selection import fraction_count, top_mask
 
     irm = floats(table, "irm")
     (lc, lr), unit = response_lengths(table, ("chosen", "rejected"))
@@ -110,7 +112,7 @@ def pair_report(table: pa.Table, k1: float, bins: int) -> dict[str, Any]:
         corr["reward_vs_length"] = _round(spearman(np.concatenate([rc, rr]), np.concatenate([lc, lr])))
     out["spearman"] = corr
     ids = table.column("id") if "id" in table.column_names else pa.array(np.arange(len(irm)))
-    top = rank(irm, ids)[:fraction_count(k1, len(irm))]
+    top = top_mask(irm, ids, fraction_count(k1, len(irm)))
     out["flipped"] = flip_report(irm, floats(table, "flipped") > 0, top) \
         if "flipped" in table.column_names else None
     if out["flipped"] is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from sera_cli.errors import ConfigError, InputError
-from sera_cli.selection import fraction_count, rank
+from sera_cli.selection import fraction_count, top_mask
 
 KEY = ("prompt", "chosen", "rejected")
 
@@ -48,7 +48,7 @@ class MixConfig:
 
 @dataclass(frozen=True)
 class MixPlan:
-    """Rows kept from each source (best first) and what was dropped or missing."""
+    """Rows kept from each source (in input order) and what was dropped or missing."""
 
     offline: np.ndarray
     generated: np.ndarray
@@ -57,31 +57,79 @@ class MixPlan:
     short_generated: int
 
 
-def _distinct_ranked(keys, scores: np.ndarray, ids):
-    """Rows in rank order, keeping the best-ranked copy of each (prompt, chosen, rejected)."""
+def key_hash(keys) -> np.ndarray:
+    """A 64-bit hash of each row's (prompt, chosen, rejected): equal triples hash equal; rows that share a
+    hash are compared in full before anything is dropped."""
     import polars as pl
 
-    frame = keys.with_row_index("_row")
-    order = pl.Series(rank(scores, ids))
-    return frame[order].unique(subset=list(KEY), keep="first", maintain_order=True)
+    parts = [pl.col(c).hash(seed=i + 1) for i, c in enumerate(KEY)]
+    return keys.select((parts[0] ^ parts[1] ^ parts[2]).alias("h"))["h"].to_numpy()
+
+
+def best_copies(keys, h: np.ndarray, scores: np.ndarray, ids) -> np.ndarray:
+    """Mask of the rows to keep: each row whose triple occurs once, and the best-ranked copy (score
+    descending, then id) of each repeated triple."""
+    import polars as pl
+
+    keep = ~pl.Series(h).is_duplicated().to_numpy()
+    if keep.all():
+        return keep
+    rows = np.flatnonzero(~keep)
+    small = keys[pl.Series(rows)].with_columns(_row=pl.Series(rows), _s=pl.Series(scores[rows]),
+                                                _id=pl.from_arrow(ids.take(pa.array(rows))))
+    best = small.sort(["_s", "_id"], descending=[True, False]).unique(subset=list(KEY), keep="first")
+    keep[best["_row"].to_numpy()] = True
+    return keep
+
+
+def repeats(keys, h: np.ndarray, candidates: np.ndarray, other_keys, other_h: np.ndarray,
+            other_kept: np.ndarray) -> np.ndarray:
+    """Mask of the `candidates` rows whose triple equals one of the `other_kept` rows of the other table."""
+    import polars as pl
+
+    def isin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return pl.Series(a).is_in(pl.Series(b).implode()).to_numpy()
+
+    hit = candidates & isin(h, other_h[other_kept])
+    if not hit.any():
+        return hit
+    rows = np.flatnonzero(hit)
+    others = np.flatnonzero(other_kept & isin(other_h, h[rows]))
+    mine = keys[pl.Series(rows)].with_columns(_row=pl.Series(rows))
+    same = mine.join(other_keys[pl.Series(others)].unique(), on=list(KEY), how="semi")
+    out = np.zeros(len(h), bool)
+    out[same["_row"].to_numpy()] = True
+    return out
+
+
+def top_among(scores: np.ndarray, ids, allowed: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the `k` best rows among the `allowed` ones."""
+    if allowed.all():
+        return top_mask(scores, ids, k)
+    idx = np.flatnonzero(allowed)
+    mask = np.zeros(len(scores), bool)
+    mask[idx[top_mask(scores[idx], ids.take(pa.array(idx)), k)]] = True
+    return mask
 
 
 def plan(off_keys, off_scores: np.ndarray, off_ids, want_off: int,
          gen_keys=None, gen_scores: np.ndarray | None = None, gen_ids=None, want_gen: int = 0) -> MixPlan:
-    """Choose the rows of a mix. `*_keys` are polars frames with the KEY columns; a generated pair that
-    duplicates a kept offline pair is dropped before the generated rows are ranked."""
-    off = _distinct_ranked(off_keys, off_scores, off_ids)
-    duplicates = off_keys.height - off.height
-    off_kept = off.head(want_off)
+    """Choose the rows of a mix. `*_keys` are polars frames with the KEY columns (see `key_frame`). Repeated
+    triples keep their best copy; a generated pair equal to a kept offline pair is dropped before the
+    generated rows are ranked."""
+    h_off = key_hash(off_keys)
+    off_ok = best_copies(off_keys, h_off, off_scores, off_ids)
+    off_sel = top_among(off_scores, off_ids, off_ok, want_off)
+    duplicates, short_off = len(off_ok) - int(off_ok.sum()), max(0, want_off - int(off_ok.sum()))
     gen_rows, short_gen = np.zeros(0, np.int64), 0
     if gen_keys is not None:
-        gen = _distinct_ranked(gen_keys, gen_scores, gen_ids)
-        fresh = gen.join(off_kept.select(KEY), on=list(KEY), how="anti", maintain_order="left")
-        duplicates += gen_keys.height - fresh.height
-        gen_rows = fresh.head(want_gen)["_row"].to_numpy().astype(np.int64)
-        short_gen = max(0, want_gen - fresh.height)
-    return MixPlan(off_kept["_row"].to_numpy().astype(np.int64), gen_rows, duplicates,
-                   max(0, want_off - off.height), short_gen)
+        h_gen = key_hash(gen_keys)
+        gen_ok = best_copies(gen_keys, h_gen, gen_scores, gen_ids)
+        gen_ok &= ~repeats(gen_keys, h_gen, gen_ok, off_keys, h_off, off_sel)
+        duplicates += len(gen_ok) - int(gen_ok.sum())
+        gen_rows = np.flatnonzero(top_among(gen_scores, gen_ids, gen_ok, want_gen))
+        short_gen = max(0, want_gen - int(gen_ok.sum()))
+    return MixPlan(np.flatnonzero(off_sel), gen_rows, duplicates, short_off, short_gen)
 
 
 @dataclass(frozen=True)
@@ -95,27 +143,45 @@ class MixSummary:
 
 
 def _load(spec: str):
-    """A scored pairs file: its Inputs, its text kind, its IRMs and ids."""
-    from sera_cli.contract import check_pairs, with_ids
+    """A scored pairs file: its Inputs, its text kind, its IRMs and ids. Files sera wrote had their texts
+    checked when they were scored, so only their column types are checked again."""
+    from sera_cli import provenance
+    from sera_cli.contract import PAIR_COLUMNS, check_pairs, column_kind, with_ids
     from sera_cli.io import Inputs, read_inputs
     from sera_cli.selection import score_column
 
     inputs = read_inputs([spec])
-    kind = check_pairs(inputs)
+    names = inputs.table.column_names
+    if provenance.read(inputs.table) is None or not set(PAIR_COLUMNS) <= set(names):
+        kind = check_pairs(inputs)
+    else:
+        kinds = {c: column_kind(inputs, c) for c in PAIR_COLUMNS}
+        kind = check_pairs(inputs) if len(set(kinds.values())) > 1 else kinds["prompt"]
     inputs = Inputs(with_ids(inputs.table), inputs.sources)
     return inputs, kind, score_column(inputs, inputs.table, "irm")
 
 
-def _keys(table: pa.Table):
+def key_frame(table: pa.Table):
+    """The (prompt, chosen, rejected) columns as a polars frame, messages reduced to {role, content}."""
     import polars as pl
 
-    return pl.from_arrow(table.select(list(KEY)))
+    frame = pl.from_arrow(table.select(list(KEY)))
+    field = pl.element().struct.field
+    return frame.with_columns(pl.col(c).list.eval(pl.struct(role=field("role"), content=field("content")))
+                              for c in KEY if frame.schema[c] != pl.String)
 
 
-def _part(table: pa.Table, rows: np.ndarray, source: str) -> pa.Table:
-    part = table.take(rows)
-    part = part.drop_columns([c for c in ("source", "iteration") if c in part.column_names])
-    return part.append_column("source", pa.array([source] * len(rows), pa.string()))
+def assemble(tables: list[pa.Table], rows: list[np.ndarray], sources: list[str], seed: int) -> pa.Table:
+    """The chosen rows of each table, shuffled with `seed` in one gather, with a `source` column."""
+    tables = [t.drop_columns([c for c in ("source", "iteration") if c in t.column_names]) for t in tables]
+    starts = np.cumsum([0] + [t.num_rows for t in tables])
+    chosen = np.concatenate([r + start for r, start in zip(rows, starts, strict=False)])
+    chosen = chosen[np.random.default_rng(seed).permutation(len(chosen))]
+    # One gather from the chunked concatenation: combining the chunks first would touch twice the memory.
+    table = pa.concat_tables(tables, promote_options="permissive").take(chosen)
+    origin = np.searchsorted(starts, chosen, side="right") - 1
+    names = pa.array(sources, pa.string())
+    return table.append_column("source", names.take(pa.array(origin)))
 
 
 def mix(config: MixConfig) -> MixSummary:
@@ -140,15 +206,19 @@ def mix(config: MixConfig) -> MixSummary:
             raise InputError(gen.name, f"holds {gen_kind} pairs but {off.name} holds {off_kind} pairs",
                              hint="convert both with the same --format")
         gen_parents = lineage.parents(gen)
-        gen_args = (_keys(gen.table), gen_scores, gen.table.column("id"), want_gen)
-    chosen = plan(_keys(off.table), off_scores, off.table.column("id"), want_off, *gen_args)
+        gen_args = (key_frame(gen.table), gen_scores, gen.table.column("id"), want_gen)
+    chosen = plan(key_frame(off.table), off_scores, off.table.column("id"), want_off, *gen_args)
     _check_shortfall(config, chosen, off, gen, want_off, want_gen)
-    parts = [_part(off.table, chosen.offline, "offline")]
+    tables, rows = [off.table], [chosen.offline]
     if gen is not None:
-        parts.append(_part(gen.table, chosen.generated, "generated"))
-    table = pa.concat_tables(parts, promote_options="permissive")
-    table = table.append_column("iteration", pa.array([config.iteration] * table.num_rows, pa.int32()))
-    table = table.take(np.random.default_rng(config.seed).permutation(table.num_rows))
+        tables.append(gen.table)
+        rows.append(chosen.generated)
+    try:
+        table = assemble(tables, rows, ["offline", "generated"][:len(tables)], config.seed)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        raise InputError(gen.name, f"has columns whose types clash with {off.name}: {str(err).splitlines()[0]}",
+                         hint="drop or cast the clashing column with 'sera sql'") from None
+    table = table.append_column("iteration", pa.repeat(pa.scalar(config.iteration, pa.int32()), table.num_rows))
     off_logps = lineage.find(off_parents, "logps")
     same = gen is None or off_logps == lineage.find(gen_parents, "logps")
     prov = provenance.record(

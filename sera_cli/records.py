@@ -70,9 +70,9 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
         rows = read_parquet(path).to_pylist()
     elif name.endswith(".json"):
-        rows = _json(path, _text(path))
+        rows = _json(_name(path), _text(path))
     else:
-        rows = _jsonl(path, _text(path))
+        rows = _jsonl(_name(path), _text(path))
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise InputError(_name(path), f"is a {type(row).__name__}, not a JSON object", row=i)

@@ -1,7 +1,7 @@
 """Keeping the pairs with the largest margins: the top fraction or count by IRM (SeRA paper, section 3.2).
 
-Ranking is deterministic: the score column descending, ties broken by `id` ascending. The kept rows are
-written best first.
+Ranking is deterministic: the score column descending, ties broken by `id` ascending. Kept rows keep their
+input order (selection is a filter; `mix` and `train` shuffle).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class Choice:
-    """Which rows a selection keeps (`indices`, best first) and why the others went."""
+    """Which rows a selection keeps (`indices`, in input order) and why the others went."""
 
     indices: np.ndarray
     cutoff: float | None
@@ -66,28 +66,38 @@ def fraction_count(fraction: float, n: int) -> int:
     return max(0, math.floor(fraction * n + EPS))
 
 
-def rank(scores: np.ndarray, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Row indices, best first: `scores` descending, ties broken by `ids` ascending."""
-    import polars as pl
+def top_mask(scores: np.ndarray, ids: pa.Array | pa.ChunkedArray, k: int) -> np.ndarray:
+    """Boolean mask of the `k` best rows: `scores` descending, ties at the cut broken by `ids` ascending.
 
-    frame = pl.DataFrame({"s": scores, "id": pl.from_arrow(ids)}).with_row_index("_row")
-    ordered = frame.sort(["s", "id"], descending=[True, False], maintain_order=True)
-    return ordered["_row"].to_numpy().astype(np.int64)
+    O(n): the k-th largest score comes from a partition; only the rows tied with it are sorted (by id).
+    """
+    n = len(scores)
+    mask = np.zeros(n, bool)
+    if k <= 0:
+        return mask
+    if k >= n:
+        mask[:] = True
+        return mask
+    cut = np.partition(scores, n - k)[n - k]
+    mask = scores > cut
+    tied = np.flatnonzero(scores == cut)
+    need = k - int(mask.sum())
+    order = pc.sort_indices(ids.take(pa.array(tied))).to_numpy() if len(tied) > need else np.arange(need)
+    mask[tied[order[:need]]] = True
+    return mask
 
 
 def choose(scores: np.ndarray, ids, *, top: float | None = None, count: int | None = None,
            min_value: float | None = None, drop_ties: bool = False) -> Choice:
-    """Rank rows, keep the first `top` fraction (or `count`) of all rows, then drop ties (score exactly 0)
-    and rows below `min_value` from those."""
+    """Keep the best `top` fraction (or `count`) of all rows, then drop ties (score exactly 0) and rows below
+    `min_value` from those. Kept rows stay in input order."""
     n = len(scores)
-    order = rank(scores, ids)
     k = n if top is None and count is None else fraction_count(top, n) if top is not None else min(count, n)
-    head = order[:k]
-    values = scores[head]
-    ties = (values == 0) if drop_ties else np.zeros(k, bool)
-    below = (values < min_value) & ~ties if min_value is not None else np.zeros(k, bool)
-    kept = head[~(ties | below)]
-    cutoff = float(scores[kept[-1]]) if len(kept) else None
+    head = top_mask(scores, ids, k)
+    ties = head & (scores == 0) if drop_ties else np.zeros(n, bool)
+    below = head & ~ties & (scores < min_value) if min_value is not None else np.zeros(n, bool)
+    kept = np.flatnonzero(head & ~ties & ~below)
+    cutoff = float(scores[kept].min()) if len(kept) else None
     return Choice(kept, cutoff, n - k, int(ties.sum()), int(below.sum()))
 
 
@@ -124,7 +134,9 @@ def select(config: SelectConfig) -> SelectSummary:
     prov = provenance.record("select", config.as_dict(), parents=parents, rows_in=table.num_rows,
                              rows_out=len(choice.indices), cutoff=choice.cutoff,
                              pairs=asdict(stats) if stats else None, logps=lineage.find(parents, "logps"))
-    write_parquet(provenance.attach(table.take(choice.indices), prov), config.output)
+    keep = np.zeros(table.num_rows, bool)
+    keep[choice.indices] = True
+    write_parquet(provenance.attach(table.filter(pa.array(keep)), prov), config.output)
     return SelectSummary(table.num_rows, len(choice.indices), choice, stats)
 
 
