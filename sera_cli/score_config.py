@@ -23,7 +23,7 @@ class ScoreConfig:
     device: str = "auto"
     max_length: int | None = MAX_LENGTH
     max_prompt_length: int | None = MAX_PROMPT_LENGTH
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     low_memory: bool = False
     cache: str | None = None
     resume: bool = False

@@ -48,7 +48,7 @@ def group_batches(groups: Sequence[tuple[int, list[int]]], batch_tokens: int) ->
     return out
 
 
-def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_tokens: int = 4096,
+def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_tokens: int = 1024,
                     on_batch: Callable[[int, int], None] | None = None,
                     share_prompts: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs and response token counts of (ids, prompt_len) sequences, in input order.
@@ -99,7 +99,7 @@ def flat_sequences(encoded: Sequence[Encoded]) -> list[tuple[list[int], int]]:
 
 
 def pair_logps(model, tok, prompts, chosens, rejecteds, *, max_length: int | None, max_prompt_length: int | None,
-               batch_tokens: int = 4096) -> dict[str, np.ndarray]:
+               batch_tokens: int = 1024) -> dict[str, np.ndarray]:
     """Log-probs of each pair's chosen and rejected response under `model`."""
     enc = encode_rows(tok, prompts, list(zip(chosens, rejecteds, strict=True)), max_length, max_prompt_length)
     logp, ntok = sequences_logps(model, flat_sequences(enc), tok.pad_token_id, batch_tokens)
@@ -108,7 +108,7 @@ def pair_logps(model, tok, prompts, chosens, rejecteds, *, max_length: int | Non
 
 
 def response_logps(model, tok, prompts, responses, *, max_length: int | None, max_prompt_length: int | None,
-                   batch_tokens: int = 4096) -> dict[str, np.ndarray]:
+                   batch_tokens: int = 1024) -> dict[str, np.ndarray]:
     """Log-probs of one response per prompt under `model`."""
     enc = encode_rows(tok, prompts, [[r] for r in responses], max_length, max_prompt_length)
     logp, ntok = sequences_logps(model, flat_sequences(enc), tok.pad_token_id, batch_tokens)

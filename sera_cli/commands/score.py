@@ -26,8 +26,9 @@ def score_command(
     device: o.DeviceOpt = "auto",
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.",
-                                              min=1)] = 4096,
+    batch_tokens: Annotated[int, typer.Option(
+        "--batch-tokens", min=1,
+        help="Padded tokens per forward batch (1024 is fastest on CPU; raise it on a GPU, e.g. 16384).")] = 1024,
     low_memory: Annotated[bool, typer.Option("--low-memory", help="Keep one model in memory at a time.")] = False,
     cache: o.CacheOpt = None,
     resume: o.ResumeOpt = False,

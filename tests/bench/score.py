@@ -89,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--baseline-batch", type=int, default=1, help="pairs per baseline batch (2 sequences each)")
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     rows = hh_pairs("helpful-base", args.pairs)

@@ -1,0 +1,109 @@
+"""The prompts of a generation run: read from any table with a `prompt` column, identified, tokenized, checked.
+
+A prompt's id is the row's `id` when the table has one, else a content hash of the prompt. Rows that repeat a
+prompt (same id, same prompt) are generated once. Prompts are tokenized exactly as `score` tokenizes them
+(`sera_cli.encode.render`): plain strings as they are, messages through the chat template with the generation
+prompt, so the tokens a response was sampled after are the tokens it is scored after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sera_cli.contract import check_prompts
+from sera_cli.errors import InputError
+from sera_cli.hashing import digest
+from sera_cli.io import Inputs
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Distinct prompts in input order: `rows[i]` is the table row that `ids[i]` and `texts[i]` come from."""
+
+    ids: tuple[str, ...]
+    texts: tuple[Any, ...]
+    rows: tuple[int, ...]
+    kind: str
+    repeated: int  # input rows skipped because they repeat an earlier prompt
+
+
+def read_prompts(inputs: Inputs) -> Prompts:
+    """Validate the `prompt` column and identify each distinct prompt."""
+    kind = check_prompts(inputs)
+    texts = inputs.table.column("prompt").to_pylist()
+    given = inputs.table.column("id").to_pylist() if "id" in inputs.table.column_names else [None] * len(texts)
+    first: dict[str, int] = {}
+    keep: list[tuple[int, str]] = []
+    for row, (text, rid) in enumerate(zip(texts, given, strict=True)):
+        pid = str(rid) if rid is not None else digest(text)[:16]
+        if pid in first:
+            if texts[first[pid]] != text:
+                file, local = inputs.locate(row)
+                other, other_row = inputs.locate(first[pid])
+                raise InputError(file, f"id {pid!r} is also the id of {other} row {other_row}, another prompt",
+                                 row=local, column="id", hint="ids must be unique per prompt")
+            continue
+        first[pid] = row
+        keep.append((row, pid))
+    rows = tuple(r for r, _ in keep)
+    return Prompts(tuple(p for _, p in keep), tuple(texts[r] for r in rows), rows, kind, len(texts) - len(rows))
+
+
+def prompt_tokens(tok, prompt: Any) -> list[int]:
+    """The prompt's token ids as `score` sees them (chat template with the generation prompt for messages)."""
+    from sera_cli.encode import render
+
+    return render(tok, prompt, [])[0]
+
+
+def check_lengths(inputs: Inputs, prompts: Prompts, tokens: list[list[int]], max_new_tokens: int,
+                  context: int | None) -> None:
+    """Every prompt plus `max_new_tokens` fits the model's context; else a one-line error naming the row."""
+    if context is None:
+        return
+    for i, ids in enumerate(tokens):
+        if len(ids) + max_new_tokens > context:
+            file, local = inputs.locate(prompts.rows[i])
+            raise InputError(file, f"prompt has {len(ids):,} tokens; with --max-new-tokens {max_new_tokens} that "
+                                   f"exceeds the model's context of {context:,} tokens", row=local, column="prompt",
+                             hint="lower --max-new-tokens, or shorten or drop the row")
+
+
+def model_context(path: str, trust_remote_code: bool = False) -> int | None:
+    """The most positions the model takes (max_position_embeddings), when its config says."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "max_position_embeddings", None)
+
+
+def stop_ids(path: str, tok, chat: bool = False) -> list[int]:
+    """End-of-sequence ids: the tokenizer's EOS, those of the model's generation_config.json, and for chat prompts
+    the token that ends an assistant turn in the chat template (`<|im_end|>`, `<|eot_id|>`, ...)."""
+    import json
+    from pathlib import Path
+
+    ids = [tok.eos_token_id]
+    gen = Path(path) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if chat:
+        ids.append(turn_end_id(tok))
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def turn_end_id(tok) -> int | None:
+    """The special token that follows an assistant message in the chat template, if there is one."""
+    mark = "SERA-END-OF-REPLY"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                       tokenize=False)
+    except Exception:  # no chat template, or one that rejects this conversation
+        return None
+    after = text.split(mark, 1)[1] if mark in text else ""
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+    return ids[0] if ids and ids[0] in special else None

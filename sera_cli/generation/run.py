@@ -1,0 +1,274 @@
+"""`sera generate`: N distinct sampled responses per prompt, written as a candidates table.
+
+The distinct prompts are cut into fixed chunks of `chunk_prompts`, in input order. A chunk is the unit of work:
+its prompts (and its re-draws) are batched only with each other, and its rows are saved under a partial folder
+beside the output as soon as it is done. So `--resume` redoes nothing that finished, `--shard i/n` (a contiguous
+run of whole chunks) concatenated in order equals a full run, and both give exactly the rows of a full run.
+The output is written atomically at the end (optionally after scoring every candidate, `--score`).
+
+What is guaranteed: the same input, seed, model, engine, dtype, device, `--batch-size`, `--chunk-prompts` and
+library versions give identical output. Each prompt's random numbers come from (seed, prompt id), so changing
+the batch size or chunking changes a prompt's samples only through float rounding of padded batches (rare
+flips of near-tied tokens), never through its random stream.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sera_cli import provenance
+from sera_cli.console import console
+from sera_cli.errors import ConfigError
+from sera_cli.generation.config import GenerateConfig
+from sera_cli.generation.prompts import (
+    Prompts,
+    check_lengths,
+    model_context,
+    prompt_tokens,
+    read_prompts,
+    stop_ids,
+)
+from sera_cli.generation.sampling import Request, collect, trim
+from sera_cli.hashing import digest
+from sera_cli.io import STDIO, Inputs, check_writable, read_inputs, write_parquet
+from sera_cli.models import cache_dir
+
+COLUMNS = ("prompt_id", "prompt", "response", "sample_idx", "finish_reason", "ntok", "id")
+# A finished chunk on disk: `index` is the prompt's place among the run's distinct prompts.
+CHUNK = pa.schema([("index", pa.int64()), ("response", pa.string()), ("sample_idx", pa.int32()),
+                   ("finish_reason", pa.string()), ("ntok", pa.int32())])
+
+
+@dataclass(frozen=True)
+class GenerateSummary:
+    prompts: int
+    responses: int
+    short_prompts: int  # prompts with fewer than n distinct responses after the re-draws
+    missing: int  # responses those prompts lack
+    repeated: int  # input rows that repeated an earlier prompt (generated once)
+    resumed: int  # chunks taken from an interrupted run
+    tokens: int
+    seconds: float  # generating (model loading and the rest excluded)
+    total_seconds: float
+    engine: str
+    output: str
+
+    def line(self) -> str:
+        rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.tokens and self.seconds > 0 else ""
+        notes = [f"{self.short_prompts:,} prompts short of distinct responses ({self.missing:,} missing)"
+                 if self.short_prompts else "", f"{self.repeated:,} repeated prompts skipped" if self.repeated else "",
+                 f"{self.resumed:,} chunks resumed" if self.resumed else ""]
+        extra = "".join(f"; {n}" for n in notes if n)
+        return (f"generated {self.responses:,} responses for {self.prompts:,} prompts with {self.engine} "
+                f"({self.tokens:,} new tokens{rate}){extra} -> {self.output}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    finish_reason: str
+    ntok: int
+
+
+def generate(config: GenerateConfig) -> GenerateSummary:
+    """Read prompts, sample `n` distinct responses for each, write the candidates (scored with `--score`)."""
+    from sera_cli.lineage import parents
+    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.score import shard_rows
+
+    t0 = time.perf_counter()
+    config.check()
+    check_writable(config.output)
+    inputs = read_inputs(list(config.inputs))
+    prompts = read_prompts(inputs)
+    ref = resolve(config.policy)
+    tok = load_tokenizer(ref, config.trust_remote_code)
+    start, stop = shard_rows(len(prompts.ids), config.chunk_prompts, config.shard)
+    tokens = [prompt_tokens(tok, p) for p in prompts.texts[start:stop]]
+    context = model_context(ref.path, config.trust_remote_code)
+    check_lengths(inputs, _slice(prompts, start, stop), tokens, config.max_new_tokens, context)
+    stops = stop_ids(ref.path, tok, chat=prompts.kind == "conversational")
+    engine_id = _engine_identity(config)
+    work = _Work(config, prompts, start, stop, tokens, stops, tok, key={
+        "prompts": digest([prompts.ids[start:stop], prompts.texts[start:stop]]), "model": ref.fingerprint,
+        "engine": engine_id, "sampling": config.sampling(), "chunk_prompts": config.chunk_prompts, "stops": stops})
+    work.run(lambda: _open_engine(config, ref, tok, engine_id["name"], stops, tokens, context))
+    table = _table(inputs, prompts, work.rows())
+    n_per = pc.value_counts(table.column("prompt_id")) if table.num_rows else []
+    short = (stop - start) - sum(1 for c in n_per if c["counts"].as_py() >= config.n)
+    missing = (stop - start) * config.n - table.num_rows
+    prov = provenance.record(
+        "generate", {k: v for k, v in config.as_dict().items() if k != "progress"},
+        models={"policy": ref.identity()}, engine=engine_id, sampling=config.sampling(), stop_ids=stops,
+        prompts=stop - start, responses=table.num_rows, shortfall={"prompts": short, "missing": missing},
+        parents=parents(inputs))
+    table = provenance.attach(table, prov)
+    if config.score:
+        table = _score(config, table)
+    write_parquet(table, config.output)
+    shutil.rmtree(work.dir, ignore_errors=True)
+    return GenerateSummary(stop - start, table.num_rows, short, missing, prompts.repeated, work.resumed,
+                           work.new_tokens, work.seconds, time.perf_counter() - t0, engine_id["name"], config.output)
+
+
+def _slice(p: Prompts, start: int, stop: int) -> Prompts:
+    return Prompts(p.ids[start:stop], p.texts[start:stop], p.rows[start:stop], p.kind, p.repeated)
+
+
+def _engine_identity(config: GenerateConfig) -> dict[str, Any]:
+    """The engine and the numeric settings it runs with (resolved, so 'auto' never hides a choice)."""
+    import importlib.util
+
+    from sera_cli.models import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    name = config.engine
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        name = "vllm" if device == "cuda" and has_vllm else "hf"
+    if name == "vllm" and not has_vllm:
+        from sera_cli.generation.engine_vllm import INSTALL_HINT
+
+        raise ConfigError(f"--engine vllm: vllm is not installed ({INSTALL_HINT}, or use --engine hf)")
+    dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+    if name == "hf":
+        return {"name": "hf", "dtype": dtype, "device": device, "batch_size": config.batch_size}
+    return {"name": "vllm", "dtype": dtype, "device": device, "tensor_parallel_size": config.tensor_parallel_size,
+            "enforce_eager": config.enforce_eager}
+
+
+def _open_engine(config: GenerateConfig, ref, tok, name: str, stops: list[int], tokens: list[list[int]],
+                 context: int | None):
+    with console.status(f"Loading {ref.spec} ({name} engine)"):
+        if name == "vllm":
+            from sera_cli.generation.engine_vllm import VLLMEngine
+
+            longest = max(max((len(t) for t in tokens), default=1) + config.max_new_tokens, 256)
+            return VLLMEngine(ref, tok, dtype=config.dtype, device=config.device, seed=config.seed,
+                              temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_new_tokens, stop_ids=stops,
+                              tensor_parallel_size=config.tensor_parallel_size,
+                              gpu_memory_utilization=config.gpu_memory_utilization,
+                              max_model_len=min(longest, context or longest), enforce_eager=config.enforce_eager,
+                              trust_remote_code=config.trust_remote_code)
+        from sera_cli.generation.engine_hf import HFEngine
+
+        return HFEngine(ref, tok, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+                        temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                        stop_ids=stops, trust_remote_code=config.trust_remote_code)
+
+
+class _Work:
+    """The chunks of one run: generated on demand, saved as they finish, read back at the end."""
+
+    def __init__(self, config: GenerateConfig, prompts: Prompts, start: int, stop: int, tokens: list[list[int]],
+                 stops: list[int], tok, key: dict[str, Any]):
+        self.config, self.prompts, self.start, self.stop = config, prompts, start, stop
+        self.prompt_tokens, self.stops, self.tok = tokens, stops, tok
+        name = digest(key)[:16]
+        out = Path(config.output)
+        self.dir = (cache_dir() / "partial" / f"generate-{name}" if config.output == STDIO
+                    else out.with_name(f".{out.name}.{name}.sera-partial"))
+        if self.dir.exists() and not config.resume:
+            shutil.rmtree(self.dir)
+        self.chunks = list(range(start, stop, config.chunk_prompts))
+        self.resumed = self.new_tokens = 0
+        self.seconds = 0.0
+        self.prompts_done = 0.0
+
+    def _file(self, c: int) -> Path:
+        return self.dir / f"chunk-{c:09d}.parquet"
+
+    def run(self, open_engine) -> None:
+        todo = [c for c in self.chunks if not self._file(c).exists()]
+        self.resumed = len(self.chunks) - len(todo)
+        if not todo:
+            return
+        engine = open_engine()
+        total = sum(min(c + self.config.chunk_prompts, self.stop) - c for c in todo)
+        with _progress(self.config.progress) as bar:
+            task = bar.add_task(f"generating ({engine.name})", total=total, rate="")
+            t0 = time.perf_counter()
+            for c in todo:
+                self._chunk(engine, c, bar, task, t0)
+        self.seconds = time.perf_counter() - t0
+
+    def _chunk(self, engine, c: int, bar, task, t0: float) -> None:
+        idx = range(c, min(c + self.config.chunk_prompts, self.stop))
+        cfg = self.config
+        done_before = self.prompts_done
+
+        def on_batch(generated: list[list[int]], first_round: bool) -> None:
+            self.new_tokens += sum(len(trim(g, self.stops, cfg.max_new_tokens)[0]) for g in generated)
+            self.prompts_done += len(generated) / cfg.n if first_round else 0
+            dt = max(time.perf_counter() - t0, 1e-9)
+            rate = f"{self.prompts_done / dt:,.2f} prompts/s {self.new_tokens / dt:,.0f} tok/s"
+            bar.update(task, completed=self.prompts_done, rate=rate)
+
+        def draw(draws) -> list[list[Sample]]:
+            reqs = [Request(self.prompt_tokens[i - self.start], d.count, d.seed) for d in draws
+                    for i in [idx[d.key]]]
+            first = draws[0].round == 0
+            out = engine.generate(reqs, lambda g: on_batch(g, first))
+            return [[self._sample(g) for g in samples] for samples in out]
+
+        kept, _ = collect([self.prompts.ids[i] for i in idx], cfg.n, cfg.seed, cfg.max_redraws, draw)
+        self.prompts_done = done_before + len(idx)
+        bar.update(task, completed=self.prompts_done)
+        flat = [(k, s.text, j, s.finish_reason, s.ntok) for k, samples in zip(idx, kept, strict=True)
+                for j, s in enumerate(samples)]
+        table = pa.Table.from_pylist([dict(zip(CHUNK.names, row, strict=True)) for row in flat], schema=CHUNK)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._file(c).with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(self._file(c))
+
+    def _sample(self, generated: list[int]) -> Sample:
+        ids, finish = trim(generated, self.stops, self.config.max_new_tokens)
+        body = ids[:-1] if finish == "stop" and ids and ids[-1] in self.stops else ids
+        text = self.tok.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return Sample(text, finish, len(ids))
+
+    def rows(self) -> pa.Table:
+        return pa.concat_tables([CHUNK.empty_table()] + [pq.read_table(self._file(c)) for c in self.chunks])
+
+
+def _table(inputs: Inputs, prompts: Prompts, rows: pa.Table) -> pa.Table:
+    """The candidates table: one row per response, prompt as in the input (string or messages)."""
+    from sera_cli.contract import with_ids
+
+    index = rows.column("index").to_pylist()
+    prompt = inputs.table.column("prompt").take(pa.array([prompts.rows[i] for i in index], pa.int64()))
+    table = pa.table({"prompt_id": pa.array([prompts.ids[i] for i in index], pa.string()), "prompt": prompt,
+                      **{c: rows.column(c) for c in ("response", "sample_idx", "finish_reason", "ntok")}})
+    return with_ids(table).select(list(COLUMNS))
+
+
+def _score(config: GenerateConfig, table: pa.Table) -> pa.Table:
+    """`--score`: every candidate's log-probs and implicit reward, as `sera score` computes them."""
+    from sera_cli.score import partial_dir, score_table
+    from sera_cli.score_config import ScoreConfig
+
+    sc = ScoreConfig(config.inputs, config.output, config.policy, config.ref, config.reward, config.beta,
+                     dtype=config.dtype, device=config.device, max_length=config.max_length,
+                     max_prompt_length=config.max_prompt_length, cache=config.cache, resume=config.resume,
+                     trust_remote_code=config.trust_remote_code, progress=config.progress)
+    scored, _ = score_table(table, sc, inputs=None)
+    shutil.rmtree(partial_dir(sc, table), ignore_errors=True)
+    return scored
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                    console=console, disable=not enabled, transient=False)

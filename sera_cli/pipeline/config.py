@@ -1,0 +1,202 @@
+"""The settings of one `sera run`, as a frozen config: defaults < preset < `--config` TOML file < flags.
+
+A TOML file holds the same names as the flags (dashes or underscores), e.g. `k1 = 0.7` or `max-new-tokens = 64`.
+Validation collects every problem and reports them all at once in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sera_cli.errors import ConfigError
+
+METHODS = ("sera", "sera-select", "dpo", "iterative-dpo")
+LOSSES = ("dpo", "ipo", "slic", "simpo")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that shapes a run. `data` empty means the embedded demo set."""
+
+    data: tuple[str, ...] = ()
+    workdir: str = "sera-run"
+    method: str = "sera"
+    policy: str = "smollm2-135m"
+    iterations: int = 3
+    k1: float = 0.7
+    k2: float = 0.3
+    n: int = 4
+    ensemble_lambda: float = 0.3
+    loss: str = "dpo"
+    beta: float = 0.1
+    heldout: float = 0.15
+    rows: int | None = None
+    seed: int = 0
+    # generation
+    gen_prompts: int | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    engine: str = "auto"
+    # training
+    lr: float = 5e-6
+    batch_size: int = 16
+    micro_batch: int = 4
+    epochs: int = 1
+    lora_r: int = 0
+    # models and lengths
+    dtype: str = "auto"
+    device: str = "auto"
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    batch_tokens: int = 1024
+    cache: bool = True
+    trust_remote_code: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+NAMES = {f.name for f in fields(RunConfig)}
+# The embedded demo's settings (README quotes this file). float32 (dtype auto): bfloat16 is fast only on CPUs
+# with AMX/AVX512-BF16, and its summed log-probs move by nats with batching. LoRA halves the backward.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo" / "sera-demo.toml"
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The settings in a TOML file, keys normalised to field names; problems raise one `ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    out, unknown = {}, []
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in NAMES:
+            unknown.append(key)
+        out[name] = value
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(n.replace('_', '-') for n in NAMES))})")
+    return out
+
+
+DEMO_PRESET: dict[str, Any] = read_toml(DEMO_CONFIG)
+
+
+def load(file: str | Path | None, flags: Mapping[str, Any]) -> RunConfig:
+    """The run's config; with no data in the file or the flags, the embedded demo with its small preset."""
+    in_file = read_toml(file).get("data") if file is not None else None
+    demo = not (flags.get("data") or in_file)
+    return build(file, flags, DEMO_PRESET if demo else None)
+
+
+def build(file: str | Path | None = None, flags: Mapping[str, Any] | None = None,
+          preset: Mapping[str, Any] | None = None) -> RunConfig:
+    """Merge defaults < preset < file < flags (flags that are None were not given), then validate."""
+    merged: dict[str, Any] = dict(preset or {})
+    source = {k: "preset" for k in merged}
+    if file is not None:
+        for k, v in read_toml(file).items():
+            merged[k], source[k] = v, str(file)
+    for k, v in (flags or {}).items():
+        if v is not None:
+            if k not in NAMES:
+                raise ValueError(f"unknown run setting {k!r}")  # a programming error, not the user's
+            merged[k], source[k] = v, "flag"
+    if merged.get("method") == "dpo" and source.get("iterations") in (None, "preset"):
+        merged["iterations"], source["iterations"] = 1, "method"  # dpo is one iteration unless told otherwise
+    if "data" in merged:
+        data = merged["data"]
+        merged["data"] = (data,) if isinstance(data, str) else tuple(data)
+    bad = _type_problems(merged, source)
+    config = RunConfig(**{k: v for k, v in merged.items() if k not in bad})  # defaults stand in for bad types
+    problems = list(bad.values()) + validate(config)
+    if problems:
+        raise ConfigError(_joined(problems))
+    return config
+
+
+def _joined(problems: list[str]) -> str:
+    head = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+    return f"invalid run settings ({head}): " + "; ".join(problems)
+
+
+_TYPES = {f.name: f.type for f in fields(RunConfig)}
+
+
+def _type_problems(values: Mapping[str, Any], source: Mapping[str, str]) -> dict[str, str]:
+    """Values of the wrong type (a TOML file can hold anything): setting -> problem."""
+    out = {}
+    for k, v in values.items():
+        want = _TYPES[k]
+        ok = {
+            "int": isinstance(v, int) and not isinstance(v, bool),
+            "int | None": v is None or (isinstance(v, int) and not isinstance(v, bool)),
+            "float": isinstance(v, int | float) and not isinstance(v, bool),
+            "str": isinstance(v, str),
+            "bool": isinstance(v, bool),
+            "tuple[str, ...]": isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+        }[want]
+        if not ok:
+            out[k] = f"{k.replace('_', '-')} must be {want.replace(' | None', '')} (got {v!r} from {source[k]})"
+    return out
+
+
+def validate(c: RunConfig) -> list[str]:
+    """Every problem with a config, as user-facing phrases (empty when fine)."""
+    p = []
+    if c.method not in METHODS:
+        p.append(f"method must be one of {', '.join(METHODS)} (got {c.method!r})")
+    if c.loss not in LOSSES:
+        p.append(f"loss must be one of {', '.join(LOSSES)} (got {c.loss!r})")
+    if c.iterations < 1:
+        p.append(f"iterations must be >= 1 (got {c.iterations})")
+    if c.method == "dpo" and c.iterations != 1:
+        p.append(f"method dpo runs one iteration (got iterations = {c.iterations}); use iterative-dpo for more")
+    if not 0.0 < c.k1 <= 1.0:
+        p.append(f"k1 must be in (0, 1] (got {c.k1})")
+    if not 0.0 <= c.k2 <= 1.0:
+        p.append(f"k2 must be in [0, 1] (got {c.k2})")
+    if c.method == "sera" and c.k2 == 0:
+        p.append("method sera with k2 = 0 is sera-select: say --method sera-select")
+    if c.n < 2:
+        p.append(f"n must be >= 2 to form a pair from generated responses (got {c.n})")
+    if not 0.0 <= c.ensemble_lambda <= 1.0:
+        p.append(f"ensemble-lambda must be in [0, 1] (got {c.ensemble_lambda})")
+    if c.beta <= 0:
+        p.append(f"beta must be > 0 (got {c.beta})")
+    if not 0.0 <= c.heldout < 0.5:
+        p.append(f"heldout must be in [0, 0.5) (got {c.heldout})")
+    for name in ("rows", "gen_prompts"):
+        v = getattr(c, name)
+        if v is not None and v < 1:
+            p.append(f"{name.replace('_', '-')} must be >= 1 (got {v})")
+    for name in ("max_new_tokens", "batch_size", "micro_batch", "epochs", "batch_tokens", "max_prompt_length"):
+        if getattr(c, name) < 1:
+            p.append(f"{name.replace('_', '-')} must be >= 1 (got {getattr(c, name)})")
+    if c.max_length <= c.max_prompt_length:
+        p.append(f"max-length ({c.max_length}) must exceed max-prompt-length ({c.max_prompt_length})")
+    if not 0 < c.lr < 1:
+        p.append(f"lr must be in (0, 1) (got {c.lr})")
+    if c.lora_r < 0:
+        p.append(f"lora-r must be >= 0 (got {c.lora_r})")
+    if not 0.0 < c.temperature:
+        p.append(f"temperature must be > 0 (got {c.temperature})")
+    if not 0.0 < c.top_p <= 1.0:
+        p.append(f"top-p must be in (0, 1] (got {c.top_p})")
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        p.append(f"dtype must be auto, float32, bfloat16 or float16 (got {c.dtype!r})")
+    if c.device not in ("auto", "cpu", "cuda"):
+        p.append(f"device must be auto, cpu or cuda (got {c.device!r})")
+    if c.engine not in ("auto", "hf", "vllm"):
+        p.append(f"engine must be auto, hf or vllm (got {c.engine!r})")
+    return p

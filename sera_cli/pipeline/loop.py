@@ -1,0 +1,291 @@
+"""The SeRA loop (Algorithm 1) and its baselines: the schedule of stages, run one after another in a workdir.
+
+Iteration 1 trains pi_1 from pi_0 = the SFT policy on the offline training split, reference pi_0 (no aligned
+model exists yet, so every IRM would be zero). Iteration t >= 2 (methods that select or bootstrap):
+
+    score    the offline data with (pi_{t-1}, pi_{t-2}); IRM ensembled with the previous one (lambda, Eq. 7)
+    select   the top k1 by IRM
+    generate N responses per prompt with pi_{t-1}
+    reward   them with (pi_{t-1}, pi_{t-2})
+    pair     max- vs min-reward response per prompt; keep the top k2 (as a fraction of the offline rows)
+    mix      selected + pairs
+    train    pi_t from pi_{t-1}, reference pi_{t-1}
+
+and every iteration ends by scoring the held-out split with (pi_t, pi_0). All scoring shares one log-prob cache,
+so no model scores the same rows twice; in particular the offline rows' log-probs under pi_{t-1}, computed to
+select them, are the reference log-probs of training pi_t. Each stage is skipped when its output is up to date
+(see `stages`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sera_cli.pipeline.config import RunConfig
+from sera_cli.pipeline.data import data_files, write_prompts, write_reference, write_split
+from sera_cli.pipeline.layout import Layout
+from sera_cli.pipeline.methods import Method, method
+from sera_cli.pipeline.stages import Ledger, Stage, workdir_lock
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    workdir: str
+    ran: tuple[str, ...]
+    skipped: tuple[str, ...]
+    seconds: float
+
+    def line(self) -> str:
+        return (f"ran {len(self.ran)} stage(s), skipped {len(self.skipped)} up to date, in {self.seconds:,.0f} s "
+                f"-> {self.workdir}")
+
+
+def model_spec(lay: Layout, config: RunConfig, t: int) -> str:
+    """pi_t: the trained model of iteration t, or the SFT policy for t = 0."""
+    return config.policy if t == 0 else str(lay.model(t))
+
+
+def _reward(config: RunConfig) -> str:
+    return "simpo" if config.loss == "simpo" else "dpo"
+
+
+def _score_settings(config: RunConfig, **extra: Any) -> dict[str, Any]:
+    return {"reward": _reward(config), "beta": config.beta, "dtype": config.dtype,
+            "max_length": config.max_length, "max_prompt_length": config.max_prompt_length, **extra}
+
+
+def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: Path, policy: str, ref: str,
+                 title: str, prev: Path | None = None) -> Stage:
+    from sera_cli.score_config import ScoreConfig
+
+    use_ref = _reward(config) == "dpo"
+    sc = ScoreConfig(inputs=(str(data),), output=str(output), policy=policy, ref=ref if use_ref else None,
+                     reward=_reward(config), beta=config.beta, prev=str(prev) if prev else None,
+                     ensemble_lambda=config.ensemble_lambda, prev_missing="current", dtype=config.dtype,
+                     device=config.device, max_length=config.max_length,
+                     max_prompt_length=config.max_prompt_length, batch_tokens=config.batch_tokens,
+                     cache=str(lay.cache) if config.cache else None, resume=True,
+                     trust_remote_code=config.trust_remote_code)
+    inputs = {"data": str(data), "policy": policy, **({"ref": ref} if use_ref else {})}
+    if prev:
+        inputs["prev"] = str(prev)
+    settings = _score_settings(config, ensemble_lambda=config.ensemble_lambda if prev else None)
+
+    def run() -> dict:
+        from sera_cli.score import score
+
+        s = score(sc)
+        return {"rows": s.rows, "computed": s.computed, "cached": s.cached, "truncated": s.truncated}
+
+    return Stage(key, output, inputs, settings, run, title)
+
+
+def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int) -> Stage:
+    from trainers.config import TrainConfig
+
+    policy, ref = model_spec(lay, config, t - 1), model_spec(lay, config, t - 1)
+    needs_ref = config.loss != "simpo"
+    tc = TrainConfig(inputs=(str(data),), output=str(lay.model(t)), policy=policy, ref=ref if needs_ref else None,
+                     loss=config.loss, beta=config.beta, lr=config.lr, batch_size=config.batch_size,
+                     micro_batch=min(config.micro_batch, config.batch_size), epochs=config.epochs,
+                     seed=config.seed + t, lora_r=config.lora_r, dtype=config.dtype, device=config.device,
+                     max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                     ref_batch_tokens=config.batch_tokens, save_steps=0, overwrite=True,
+                     trust_remote_code=config.trust_remote_code)
+    inputs = {"data": str(data), "policy": policy, **({"ref": ref} if needs_ref else {})}
+    settings = {k: v for k, v in tc.as_dict().items()
+                if k not in ("inputs", "output", "policy", "ref", "progress", "overwrite", "resume", "device",
+                             "ref_batch_tokens", "trust_remote_code")}
+
+    def run() -> dict:
+        from trainers.loop import train
+
+        s = train(tc)
+        return {"steps": s.steps, "pairs": s.pairs, "ref_source": s.ref_source, "first_loss": s.first["loss"],
+                "last_loss": s.last["loss"]}
+
+    title = f"train pi_{t} from pi_{t - 1} on {data.name}, reference pi_{t - 1} ({config.loss})"
+    return Stage(key, lay.model(t), inputs, settings, run, title)
+
+
+def _reference_stage(config: RunConfig, lay: Layout, data: Path, t: int) -> Stage:
+    """The training rows with their log-probs under pi_{t-1}, the reference of training pi_t, as the trainer's
+    `logp_ref_*` columns. Scored through the cache, so rows that pi_{t-1} already scored (the offline rows it
+    selected, the candidates it rewarded) cost nothing and its model is not even loaded."""
+    from sera_cli.score_config import ScoreConfig
+
+    ref = model_spec(lay, config, t - 1)
+    out = lay.reference(t)
+    sc = ScoreConfig(inputs=(str(data),), output=str(out), policy=ref, reward="simpo", dtype=config.dtype,
+                     device=config.device, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                     batch_tokens=config.batch_tokens, cache=str(lay.cache) if config.cache else None, resume=True,
+                     trust_remote_code=config.trust_remote_code)
+
+    def run() -> dict:
+        from sera_cli.score import score
+
+        s = score(sc)
+        write_reference(out)
+        return {"rows": s.rows, "computed": s.computed, "cached": s.cached}
+
+    settings = {"dtype": config.dtype, "max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
+    return Stage(f"iter-{t}/reference", out, {"data": str(data), "ref": ref}, settings, run,
+                 f"reference log-probs of pi_{t - 1} on the training rows (from the cache where known)")
+
+
+def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) -> Iterator[Stage]:
+    """Generate N responses per prompt with pi_{t-1}, reward them with (pi_{t-1}, pi_{t-2}), keep the top k2."""
+    from sera_cli.generation.config import GenerateConfig
+    from sera_cli.selection import SelectConfig
+
+    pol, ref = model_spec(lay, config, t - 1), model_spec(lay, config, t - 2)
+    yield Stage(f"iter-{t}/prompts", lay.prompts(t), {"train": str(lay.train)},
+                {"gen_prompts": config.gen_prompts, "seed": config.seed},
+                lambda: write_prompts(lay.train, config.gen_prompts, config.seed, t, lay.prompts(t)),
+                "choose the prompts to generate for")
+    gc = GenerateConfig(inputs=(str(lay.prompts(t)),), output=str(lay.candidates(t)), policy=pol,
+                        engine=config.engine, n=config.n, temperature=config.temperature, top_p=config.top_p,
+                        max_new_tokens=config.max_new_tokens, seed=config.seed + t, dtype=config.dtype,
+                        device=config.device, resume=True, trust_remote_code=config.trust_remote_code)
+
+    def generate() -> dict:
+        from sera_cli.generation.run import generate as run
+
+        s = run(gc)
+        return {"prompts": s.prompts, "responses": s.responses, "new_tokens": s.tokens,
+                "short_prompts": s.short_prompts, "engine": s.engine}
+
+    yield Stage(f"iter-{t}/generate", lay.candidates(t), {"prompts": str(lay.prompts(t)), "policy": pol},
+                {"sampling": gc.sampling(), "engine": config.engine, "dtype": config.dtype}, generate,
+                f"generate {config.n} responses per prompt with pi_{t - 1}")
+    yield _score_stage(f"iter-{t}/reward", config, lay, lay.candidates(t), lay.candidates_scored(t), pol, ref,
+                       f"reward the candidates with (pi_{t - 1}, pi_{t - 2})")
+    keep = math.floor(config.k2 * n_offline + 1e-9)
+    sel = SelectConfig(inputs=(str(lay.candidates_scored(t)),), output=str(lay.pairs(t)), pairs=True, count=keep)
+
+    def pair() -> dict:
+        from sera_cli.selection import select
+
+        s = select(sel)
+        return {"pairs_built": s.pairs.pairs if s.pairs else None, "kept": s.rows_out,
+                "too_few": s.pairs.too_few if s.pairs else None}
+
+    yield Stage(f"iter-{t}/pair", lay.pairs(t), {"candidates": str(lay.candidates_scored(t))}, {"count": keep},
+                pair, f"pair max- vs min-reward responses, keep the top {keep} (k2 = {config.k2})")
+
+
+def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int) -> Iterator[Stage]:
+    """The stages of iteration t, in order."""
+    from sera_cli.mixing import MixConfig
+    from sera_cli.selection import SelectConfig
+
+    data = lay.train
+    if t >= 2 and m.select:
+        prev = lay.scored(t - 1) if m.ensemble and t >= 3 else None
+        yield _score_stage(f"iter-{t}/score", config, lay, lay.train, lay.scored(t),
+                           model_spec(lay, config, t - 1), model_spec(lay, config, t - 2),
+                           f"score the offline data with (pi_{t - 1}, pi_{t - 2})"
+                           + (f", ensemble with iteration {t - 1} (lambda {config.ensemble_lambda})" if prev else ""),
+                           prev)
+        sel = SelectConfig(inputs=(str(lay.scored(t)),), output=str(lay.selected(t)), top=config.k1)
+
+        def select() -> dict:
+            from sera_cli.selection import select as run
+
+            s = run(sel)
+            return {"rows_in": s.rows_in, "kept": s.rows_out, "cutoff": s.choice.cutoff}
+
+        yield Stage(f"iter-{t}/select", lay.selected(t), {"scored": str(lay.scored(t))}, {"k1": config.k1}, select,
+                    f"select the top k1 = {config.k1} by IRM")
+        k2 = config.k2 if m.bootstrap else 0.0
+        if m.bootstrap:
+            yield from _bootstrap_stages(config, lay, t, n_offline)
+        mc = MixConfig(offline=str(lay.selected(t)), generated=str(lay.pairs(t)) if m.bootstrap else None,
+                       output=str(lay.mixed(t)), k1=config.k1, k2=k2, n=n_offline, seed=config.seed + t,
+                       iteration=t, allow_shortfall=True)
+
+        def mix() -> dict:
+            from sera_cli.mixing import mix as run
+
+            s = run(mc)
+            return {"rows": s.rows, "offline": int(len(s.plan.offline)), "generated": int(len(s.plan.generated)),
+                    "want_generated": s.want_generated, "duplicates": s.plan.duplicates}
+
+        inputs = {"selected": str(lay.selected(t)), **({"pairs": str(lay.pairs(t))} if m.bootstrap else {})}
+        yield Stage(f"iter-{t}/mix", lay.mixed(t), inputs, {"k1": config.k1, "k2": k2, "n": n_offline,
+                                                            "seed": config.seed + t}, mix,
+                    "mix the selected and generated pairs")
+        data = lay.mixed(t)
+    if config.loss != "simpo":
+        yield _reference_stage(config, lay, data, t)
+        data = lay.reference(t)
+    yield _train_stage(f"iter-{t}/train", config, lay, data, t)
+    if config.heldout == 0:
+        return
+    yield _score_stage(f"iter-{t}/heldout", config, lay, lay.heldout, lay.heldout_scored(t),
+                       model_spec(lay, config, t), model_spec(lay, config, 0),
+                       f"score the held-out split with (pi_{t}, pi_0)")
+
+
+def schedule(config: RunConfig, lay: Layout) -> Iterator[Stage]:
+    """Every stage of the run, in order. Built lazily: a stage's inputs exist when it is built."""
+    m = method(config.method)
+    data = data_files(config.data)
+    split_inputs = {f"data{i}": f for i, f in enumerate(data)}
+    split_settings = {"rows": config.rows, "heldout": config.heldout, "seed": config.seed}
+    sides = (("train", lay.train), ("heldout", lay.heldout)) if config.heldout > 0 else (("train", lay.train),)
+    for side, path in sides:
+        yield Stage(f"split/{side}", path, split_inputs, split_settings,
+                    lambda side=side, path=path: write_split(config.data, config.rows, config.heldout,
+                                                             config.seed, side, path),
+                    f"split the offline data: {side} rows")
+    import pyarrow.parquet as pq
+
+    n_offline = pq.read_metadata(lay.train).num_rows
+    iterations = min(config.iterations, m.max_iterations or config.iterations)
+    for t in range(1, iterations + 1):
+        yield from _iteration(config, lay, m, t, n_offline)
+
+
+def _clear(path: Path) -> None:
+    """Remove a stale output before its stage runs again (only ever inside the workdir)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run(config: RunConfig, on_stage: Callable[[Stage, str, Any], None] | None = None) -> RunSummary:
+    """Run (or resume) the whole schedule in `config.workdir`.
+
+    `on_stage(stage, event, record)` is called with event "start" (record None) before a stage runs, then with
+    "ran" or "skipped" and the stage's record in run.json (its summary, seconds, hashes).
+    """
+    t0 = time.perf_counter()
+    lay = Layout(Path(config.workdir))
+    lay.root.mkdir(parents=True, exist_ok=True)
+    ran, skipped = [], []
+
+    def start(s: Stage, resumable: bool) -> None:
+        _clear(s.output)
+        if not resumable:  # partial work of an unfinished run with other inputs (say, a retrained model)
+            for stale in s.output.parent.glob(f".{s.output.name}.*.sera-partial"):
+                _clear(stale)
+        if on_stage:
+            on_stage(s, "start", None)
+
+    with workdir_lock(lay.root):
+        ledger = Ledger.open(lay.root, config.as_dict())
+        ledger.save()
+        for stage in schedule(config, lay):
+            action, _ = ledger.execute(stage, on_start=start)
+            (ran if action == "ran" else skipped).append(stage.key)
+            if on_stage:
+                on_stage(stage, action, ledger.data["stages"][stage.key])
+    return RunSummary(str(lay.root), tuple(ran), tuple(skipped), time.perf_counter() - t0)

@@ -1,0 +1,260 @@
+"""`sera report`: what each iteration of one or more `sera run` workdirs did, as a table, `report.md` and a PNG.
+
+Per iteration: training rows, rows selected and generated, IRM statistics of the scored offline data, how well
+the IRM finds flipped labels (when the data has a `flipped` column), train loss and reward accuracy (the
+trainer's `metrics.jsonl`), and on the held-out split the accuracy of the cumulative implicit reward
+beta * log(pi_t / pi_0) and its Spearman correlation with the length difference (chosen - rejected tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from sera_cli.errors import InputError
+from sera_cli.pipeline.layout import Layout
+from sera_cli.rankstats import auroc, spearman
+
+
+@dataclass
+class Iteration:
+    t: int
+    train_rows: int | None = None
+    selected: int | None = None
+    candidates: int | None = None
+    generated: int | None = None
+    irm_mean: float | None = None
+    irm_std: float | None = None
+    irm_positive: float | None = None
+    flip_auroc: float | None = None
+    flips_kept: float | None = None
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    heldout_accuracy: float | None = None
+    heldout_accuracy_true: float | None = None
+    heldout_flip_auroc: float | None = None
+    length_corr: float | None = None
+    seconds: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunReport:
+    name: str
+    workdir: Path
+    config: dict[str, Any]
+    iterations: list[Iteration]
+    irm: dict[str, np.ndarray] = field(default_factory=dict)  # last scored IRM: "clean"/"flipped" or "all"
+
+
+ROWS = [  # (label, attribute, format)
+    ("training rows", "train_rows", "d"), ("selected (top k1)", "selected", "d"),
+    ("generated candidates", "candidates", "d"), ("generated pairs kept (top k2)", "generated", "d"),
+    ("IRM mean", "irm_mean", "+.3f"), ("IRM std", "irm_std", ".3f"), ("IRM > 0", "irm_positive", ".0%"),
+    ("AUROC: low IRM finds flipped", "flip_auroc", ".3f"), ("flips kept in top k1", "flips_kept", ".0%"),
+    ("train loss", "train_loss", ".4f"), ("train reward accuracy", "train_accuracy", ".0%"),
+    ("held-out reward accuracy", "heldout_accuracy", ".1%"),
+    ("held-out accuracy, true labels", "heldout_accuracy_true", ".1%"),
+    ("held-out AUROC for flipped", "heldout_flip_auroc", ".3f"),
+    ("reward-length Spearman (held-out)", "length_corr", "+.3f"), ("stage time (s)", "seconds", ".0f"),
+]
+
+
+def collect(workdir: str | Path) -> RunReport:
+    """Read a workdir's run.json and artifacts into a report."""
+    lay = Layout(Path(workdir))
+    if not lay.ledger.exists():
+        raise InputError(str(workdir), "has no run.json: not a 'sera run' workdir (or the run has not started)")
+    ledger = json.loads(lay.ledger.read_text())
+    config = ledger.get("config", {})
+    iters, irm = [], {}
+    t = 1
+    while lay.iteration(t).exists():
+        it, irm_t = _iteration(lay, t, ledger, config)
+        irm = irm_t or irm
+        iters.append(it)
+        t += 1
+    return RunReport(Path(workdir).name or str(workdir), Path(workdir), config, iters, irm)
+
+
+def _rows(path: Path) -> int | None:
+    return pq.read_metadata(path).num_rows if path.exists() else None
+
+
+def _iteration(lay: Layout, t: int, ledger: dict, config: dict) -> tuple[Iteration, dict[str, np.ndarray]]:
+    it = Iteration(t)
+    train = ledger.get("stages", {}).get(f"iter-{t}/train", {}).get("input_specs", {}).get("data")
+    it.train_rows = _rows(Path(train)) if train else None
+    it.selected, it.generated = _rows(lay.selected(t)), _rows(lay.pairs(t))
+    it.candidates = _rows(lay.candidates(t))
+    irm: dict[str, np.ndarray] = {}
+    if lay.scored(t).exists():
+        scored = pq.read_table(lay.scored(t), columns=None).to_pydict()
+        v = np.asarray(scored["irm"], float)
+        it.irm_mean, it.irm_std, it.irm_positive = float(v.mean()), float(v.std()), float((v > 0).mean())
+        irm = {"all": v}
+        if "flipped" in scored:
+            flipped = np.asarray(scored["flipped"], bool)
+            it.flip_auroc = auroc(-v, flipped)
+            irm = {"clean": v[~flipped], "flipped": v[flipped]}
+            if lay.selected(t).exists() and flipped.any():
+                sel = pq.read_table(lay.selected(t), columns=["flipped"]).column("flipped").to_pylist()
+                it.flips_kept = sum(sel) / int(flipped.sum())
+    it.losses, it.train_loss, it.train_accuracy = _metrics(lay.metrics(t))
+    if lay.heldout_scored(t).exists():
+        h = pq.read_table(lay.heldout_scored(t)).to_pydict()
+        v = np.asarray(h["irm"], float)
+        it.heldout_accuracy = float((v > 0).mean())
+        it.length_corr = spearman(v, np.asarray(h["ntok_chosen"], float) - np.asarray(h["ntok_rejected"], float))
+        if "flipped" in h:
+            flipped = np.asarray(h["flipped"], bool)
+            it.heldout_accuracy_true = float(((v > 0) != flipped).mean())
+            it.heldout_flip_auroc = auroc(-v, flipped)
+    secs = [rec.get("seconds", 0.0) for key, rec in ledger.get("stages", {}).items()
+            if key.startswith(f"iter-{t}/")]
+    it.seconds = float(sum(secs)) if secs else None
+    return it, irm
+
+
+def _metrics(path: Path) -> tuple[list[float], float | None, float | None]:
+    """Per-step losses, the mean loss and the mean reward accuracy of a trainer's metrics.jsonl."""
+    if not path.exists():
+        return [], None, None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss" in r and r.get("event", "step") == "step"]
+    losses = [float(r["loss"]) for r in steps]
+    accs = [float(r[k]) for r in steps for k in ("reward_accuracy", "rewards/accuracies", "accuracy") if k in r]
+    return losses, _mean(losses), _mean(accs)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def columns(reports: list[RunReport]) -> list[tuple[str, RunReport, Iteration]]:
+    several = len(reports) > 1
+    return [(f"{r.name} it{i.t}" if several else f"iter {i.t}", r, i) for r in reports for i in r.iterations]
+
+
+def table_rows(reports: list[RunReport]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side table: one row per statistic, one column per run iteration."""
+    cols = columns(reports)
+    header = ["statistic"] + [c[0] for c in cols]
+    body = []
+    for label, attr, spec in ROWS:
+        values = [getattr(i, attr) for _, _, i in cols]
+        if all(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            continue
+        body.append([label] + [_fmt(v, spec) for v in values])
+    return header, body
+
+
+def describe(r: RunReport) -> str:
+    c = r.config
+    data = ", ".join(c.get("data") or []) or "embedded demo set"
+    return (f"{r.name}: method {c.get('method')}, policy {c.get('policy')}, data {data}, "
+            f"{c.get('iterations')} iteration(s), loss {c.get('loss')}, beta {c.get('beta')}, k1 {c.get('k1')}, "
+            f"k2 {c.get('k2')}, N {c.get('n')}, lambda {c.get('ensemble_lambda')}")
+
+
+def markdown(reports: list[RunReport], figure: str | None) -> str:
+    header, body = table_rows(reports)
+    lines = ["# sera report", ""] + [f"- {describe(r)}" for r in reports] + [""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", "Held-out reward: beta * log(pi_t / pi_0) on the held-out split; accuracy = share with "
+              "r(chosen) > r(rejected). AUROC: how well a low IRM ranks the pairs whose labels were flipped."]
+    if figure:
+        lines += ["", f"![report]({figure})"]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(reports: list[RunReport]):
+    from rich.table import Table
+
+    header, body = table_rows(reports)
+    table = Table(title="sera report", title_justify="left")
+    table.add_column(header[0])
+    for h in header[1:]:
+        table.add_column(h, justify="right")
+    for row in body:
+        table.add_row(*row)
+    return table
+
+
+def figure(reports: list[RunReport], path: Path) -> None:
+    """Held-out accuracy per iteration, loss per step, and the IRM of clean vs flipped pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax = axes[0]
+    for r in reports:
+        ts = [i.t for i in r.iterations if i.heldout_accuracy is not None]
+        ax.plot(ts, [i.heldout_accuracy for i in r.iterations if i.heldout_accuracy is not None], "o-",
+                label=f"{r.name} (given labels)")
+        true = [(i.t, i.heldout_accuracy_true) for i in r.iterations if i.heldout_accuracy_true is not None]
+        if true:
+            ax.plot(*zip(*true, strict=True), "s--", label=f"{r.name} (true labels)")
+    ax.set(title="held-out reward accuracy", xlabel="iteration", ylim=(0, 1))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for r in reports:
+        start = 0
+        for i in r.iterations:
+            if i.losses:
+                ax.plot(range(start, start + len(i.losses)), i.losses, label=f"{r.name} it{i.t}")
+                start += len(i.losses)
+    ax.set(title="train loss per step", xlabel="step (iterations in turn)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    shown = next((r for r in reports if r.irm), None)
+    if shown:
+        values = np.concatenate(list(shown.irm.values()))
+        bins = np.linspace(values.min(), values.max(), 30)
+        for label, v in shown.irm.items():
+            ax.hist(v, bins=bins, alpha=0.6, label=f"{label} ({len(v)})")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set(title=f"IRM of offline data, last scoring ({shown.name})", xlabel="IRM")
+        ax.legend(fontsize=7)
+    else:
+        ax.set(title="IRM: no offline scoring in these runs")
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    figure: Path
+    reports: list[RunReport]
+
+
+def write(workdirs: list[str], output_dir: str | None = None) -> ReportFiles:
+    """Collect the runs; write report.md and report.png (into the workdir, or `output_dir` for several runs)."""
+    reports = [collect(w) for w in workdirs]
+    if not any(r.iterations for r in reports):
+        raise InputError(workdirs[0], "no iteration has finished yet: nothing to report")
+    out = Path(output_dir) if output_dir else (Path(workdirs[0]) if len(workdirs) == 1 else Path("sera-report"))
+    png, md = out / "report.png", out / "report.md"
+    figure(reports, png)
+    md.write_text(markdown(reports, png.name))
+    return ReportFiles(md, png, reports)

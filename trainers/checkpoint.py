@@ -1,0 +1,151 @@
+"""The run's folders: work happens in `<output>.partial/` (metrics, checkpoints, the model being written);
+the finished model folder is renamed to `<output>` at the very end, so a failed run leaves no output.
+
+A checkpoint is accelerate's full state (model, optimizer, scheduler, every process's RNG) plus the step
+number, which is the data position since the batch order depends only on the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sera_cli.errors import ConfigError, InputError
+from sera_cli.hashing import digest
+from trainers.config import TrainConfig
+
+# Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
+_NOT_IN_KEY = ("output", "resume", "overwrite", "progress", "save_steps", "ref_batch_tokens")
+
+
+def partial_dir(output: str | os.PathLike) -> Path:
+    out = Path(output)
+    return out.with_name(out.name + ".partial")
+
+
+def check_output(config: TrainConfig) -> Path:
+    """Fail before any work when the output folder cannot be made; return the partial folder."""
+    out = Path(config.output)
+    if out.exists() and not config.overwrite:
+        raise InputError(config.output, "already exists", hint="choose another --output or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InputError(config.output, "is a file; the output is a model folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(config.output, f"cannot be written: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(config.output, f"cannot be written: no permission on {parent}")
+    partial = partial_dir(out)
+    if config.resume and not (partial / "checkpoint" / "state.json").exists():
+        raise ConfigError(f"--resume: no checkpoint in {partial} (the run saves one every --save-steps steps)")
+    return partial
+
+
+def prepare_partial(partial: Path, resume: bool) -> None:
+    """(Main process) a clean partial folder, or the existing one when resuming."""
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(str(partial), f"cannot be created: {err.strerror}") from None
+
+
+def run_key(config: TrainConfig, ids: list[str]) -> str:
+    """What a checkpoint must agree on to be resumed: the settings that shape the numbers and the data."""
+    settings = {k: v for k, v in config.as_dict().items() if k not in _NOT_IN_KEY}
+    return digest({"config": settings, "rows": digest(ids)})
+
+
+def save(accelerator, partial: Path, step: int, key: str) -> None:
+    """Write a checkpoint beside the old one and swap it in, so a crash mid-save keeps the old one."""
+    tmp, final, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def restore(accelerator, partial: Path, key: str) -> int:
+    """Load the checkpoint; return the step to continue from."""
+    folder = partial / "checkpoint"
+    state = json.loads((folder / "state.json").read_text())
+    if state["key"] != key:
+        raise ConfigError(f"--resume: the checkpoint in {partial} was made with other settings or data; "
+                          "rerun with the same ones, or without --resume to start over")
+    accelerator.load_state(str(folder))
+    return int(state["step"])
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON line per optimizer step (main process only); on resume, lines after the
+    checkpoint are dropped so the file equals an uninterrupted run's."""
+
+    def __init__(self, path: Path, start: int, main: bool):
+        self.path, self.main = path, main
+        self.records: list[dict[str, Any]] = []
+        if path.exists():
+            self.records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            self.records = [r for r in self.records if r["step"] < start]
+        if main:
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def save_model(accelerator, net, tok, folder: Path, merge: bool, sera: dict[str, Any], metrics: Path) -> None:
+    """The trained model as a Hugging Face folder (safetensors, tokenizer, generation config), with its
+    provenance (`sera.json`) and `metrics.jsonl`. LoRA runs are merged unless `merge` is False."""
+    from accelerate.utils import DistributedType
+    from transformers.utils import logging as hf_logging
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state = accelerator.get_state_dict(net) if sharded else None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(net).model
+        if merge and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        shutil.rmtree(folder, ignore_errors=True)
+        if state is not None:
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+        quiet = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' own bar for writing shards
+        try:
+            model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
+        tok.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None and not (folder / "generation_config.json").exists():
+            model.generation_config.save_pretrained(folder)
+        (folder / "sera.json").write_text(json.dumps(sera, indent=2, default=str) + "\n")
+        shutil.copyfile(metrics, folder / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+
+
+def publish(partial: Path, folder: Path, output: str) -> None:
+    """(Main process) move the finished model folder to `output`, replacing an old one, and clean up."""
+    out = Path(output)
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(folder, out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""The settings of one training run, as a typed, frozen config (the CLI fills it; the trainer reads it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from sera_cli.errors import ConfigError
+from sera_cli.options import MAX_LENGTH, MAX_PROMPT_LENGTH
+from trainers.losses import LOSSES, LossSpec
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    inputs: tuple[str, ...]
+    output: str
+    policy: str
+    ref: str | None = None
+    loss: str = "dpo"
+    beta: float | None = None  # None: the loss's default (LossSpec.default_beta)
+    delta: float = 1.0  # SLiC-HF hinge margin
+    gamma: float = 1.0  # SimPO target margin (gamma / beta = 0.5 with the default beta 2.0)
+    eps: float = 0.1  # cDPO / rDPO assumed label-flip rate
+    recompute_ref: bool = False
+    lr: float = 5e-7
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still logged)
+    batch_size: int = 32  # pairs per optimizer step, over all processes and accumulation steps
+    micro_batch: int = 4  # pairs per forward pass and process
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+    lora_r: int = 0  # 0: full fine-tuning
+    lora_alpha: int | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.0
+    save_adapter: bool = False  # LoRA: save the adapter instead of merged weights
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    max_length: int | None = MAX_LENGTH
+    max_prompt_length: int | None = MAX_PROMPT_LENGTH
+    ref_batch_tokens: int = 1024
+    save_steps: int = 50  # checkpoint every n steps (0: never)
+    resume: bool = False
+    overwrite: bool = False
+    live_ref: bool = False  # run the reference model every step (the baseline that reuse is measured against)
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    @property
+    def spec(self) -> LossSpec:
+        return LOSSES[self.loss]
+
+    def loss_params(self) -> dict[str, float]:
+        """The hyper-parameters the loss function takes, with beta resolved to the loss's default."""
+        values = {"beta": self.resolved_beta, "delta": self.delta, "gamma": self.gamma, "eps": self.eps}
+        return {name: values[name] for name in self.spec.params}
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.spec.default_beta if self.beta is None else self.beta
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def problems(config: TrainConfig) -> list[str]:
+    """Every out-of-range or contradictory setting, worded as the user typed it."""
+    out = []
+    if config.loss not in LOSSES:
+        return [f"--loss {config.loss}: expected one of {', '.join(LOSSES)}"]
+    if not 0 < config.lr < 1:
+        out.append(f"--lr must be in (0, 1) (got {config.lr:g})")
+    if not config.resolved_beta > 0:
+        out.append(f"--beta must be > 0 (got {config.resolved_beta:g})")
+    if "eps" in config.spec.params and not 0 <= config.eps < 0.5:
+        out.append(f"--eps must be in [0, 0.5) (got {config.eps:g})")
+    if config.schedule not in SCHEDULES:
+        out.append(f"--schedule {config.schedule}: expected one of {', '.join(SCHEDULES)}")
+    if not 0 <= config.warmup_ratio < 1:
+        out.append(f"--warmup-ratio must be in [0, 1) (got {config.warmup_ratio:g})")
+    for name in ("batch_size", "micro_batch", "epochs"):
+        if getattr(config, name) < 1:
+            out.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(config, name)})")
+    for name in ("weight_decay", "max_grad_norm", "lora_r", "save_steps", "lora_dropout"):
+        if getattr(config, name) < 0:
+            out.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(config, name)})")
+    if config.max_steps is not None and config.max_steps < 1:
+        out.append(f"--max-steps must be >= 1 (got {config.max_steps})")
+    if not config.spec.needs_ref and config.ref:
+        out.append(f"--loss {config.loss} is reference-free: drop --ref")
+    if config.recompute_ref and not config.ref:
+        out.append("--recompute-ref needs --ref (the model whose log-probs to compute)")
+    if config.live_ref and not config.ref:
+        out.append("--live-ref needs --ref (the model to run every step)")
+    if config.save_adapter and not config.lora_r:
+        out.append("--save-adapter needs --lora-r (there is no adapter in full fine-tuning)")
+    return out
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise one ConfigError that lists every problem at once."""
+    if found := problems(config):
+        raise ConfigError("; ".join(found))

@@ -1,0 +1,239 @@
+"""What the training loop eats: tokenized pairs, the reference log-probs and the order of the batches.
+
+Reference log-probs come, in order of preference, from the input (columns `logp_ref_chosen` and
+`logp_ref_rejected` written by `sera score`, when their provenance names the same model and settings as
+`--ref`), from one pass of the reference model before the loop (the function `score` uses), or not at all
+(reference-free losses). A reference that cannot be checked is an error, never a silent guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sera_cli import provenance
+from sera_cli.contract import check_pairs, with_ids
+from sera_cli.encode import Encoded
+from sera_cli.errors import InputError
+from sera_cli.hashing import digest
+from sera_cli.io import Inputs, read_inputs
+from trainers.config import TrainConfig
+
+REF_COLUMNS = ("logp_ref_chosen", "logp_ref_rejected")
+_HINT = "pass --recompute-ref to compute them with --ref, or drop --ref to use them as they are"
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The validated input: its rows encoded with the policy's tokenizer (TRL conventions)."""
+
+    inputs: Inputs
+    encoded: list[Encoded]
+    ids: list[str]
+    prov: dict[str, Any] | None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def read_pairs(config: TrainConfig, tok) -> Pairs:
+    from sera_cli.scorer import encode_rows
+
+    inputs = read_inputs(list(config.inputs))
+    check_pairs(inputs)
+    table = with_ids(inputs.table)
+    cols = [table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
+    encoded = encode_rows(tok, cols[0], list(zip(cols[1], cols[2], strict=True)), config.max_length,
+                          config.max_prompt_length)
+    return Pairs(inputs, encoded, table.column("id").to_pylist(), provenance.read(inputs.table))
+
+
+@dataclass(frozen=True)
+class RefPlan:
+    """Where the reference log-probs come from: 'none', 'input', 'computed' (some or all rows) or 'live'."""
+
+    source: str
+    chosen: np.ndarray | None = None  # summed log-probs per row; NaN where still to compute
+    rejected: np.ndarray | None = None
+    identity: dict[str, Any] | None = None
+    model: Any = field(default=None, compare=False)  # the resolved ModelRef of --ref, if given
+
+    def todo(self) -> np.ndarray:
+        """Rows whose reference log-probs must still be computed."""
+        return np.flatnonzero(np.isnan(self.chosen) | np.isnan(self.rejected))
+
+
+def ref_identities(prov: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The reference log-prob identities that made a table's `logp_ref_*` columns (distinct)."""
+    if not prov:
+        return []
+    logps = prov.get("logps")
+    if isinstance(logps, dict) and "ref" in logps:
+        found = [logps["ref"]] if logps["ref"] else []
+    else:
+        found = [i for parent in prov.get("parents") or [] for i in ref_identities(parent)]
+    return list({digest(i): i for i in found}.values())
+
+
+def _short(value: Any) -> Any:
+    return value[:12] if isinstance(value, str) and len(value) > 16 else value
+
+
+def _difference(stored: dict[str, Any], wanted: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    """The first setting that differs, as 'key <stored> in its provenance, <wanted> here'."""
+    for key in keys:
+        if stored.get(key) != wanted.get(key):
+            return f"{key} {_short(stored.get(key))!r} in its provenance, {_short(wanted.get(key))!r} here"
+    return None
+
+
+def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
+    """Decide where the reference log-probs come from (see the module docstring); raise on any mismatch."""
+    from sera_cli.identity import logp_identity
+    from sera_cli.models import chat_template_hash, check_same_tokenizer, load_tokenizer, resolve
+
+    if not config.spec.needs_ref:
+        return RefPlan("none")
+    name, table = pairs.inputs.sources[0].name, pairs.inputs.table
+    ref = identity = None
+    if config.ref:
+        ref = resolve(config.ref)
+        ref_tok = load_tokenizer(ref, config.trust_remote_code)
+        check_same_tokenizer(tok, ref_tok, config.policy, config.ref)
+        identity = logp_identity(ref, ref_tok, config.max_length, config.max_prompt_length, config.dtype)
+    n = len(pairs)
+    if config.live_ref:
+        return RefPlan("live", identity=identity, model=ref)
+    present = set(REF_COLUMNS) <= set(table.column_names) and not all(
+        table.column(c).null_count == n for c in REF_COLUMNS)  # all null: scored reference-free (SimPO)
+    if not present:
+        if ref is None:
+            raise InputError(name, "has no reference log-probs (columns 'logp_ref_chosen', 'logp_ref_rejected')",
+                             hint="give --ref MODEL to compute them, or score the pairs with 'sera score --ref'")
+        return RefPlan("computed", np.full(n, np.nan), np.full(n, np.nan), identity, ref)
+    chosen, rejected = (np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
+                        for c in REF_COLUMNS)
+    stored = ref_identities(pairs.prov)
+    if ref is not None:
+        if config.recompute_ref:
+            return RefPlan("computed", np.full(n, np.nan), np.full(n, np.nan), identity, ref)
+        if not stored:
+            raise InputError(name, "its reference log-probs carry no provenance to check against --ref",
+                             hint=_HINT)
+        keys = ("fingerprint", "chat_template", "eos", "max_length", "max_prompt_length", "dtype")
+        for s in stored:
+            if diff := _difference(s, identity, keys):
+                raise InputError(name, f"its reference log-probs are not those of --ref {config.ref}: {diff}",
+                                 hint=_HINT)
+        return RefPlan("input", chosen, rejected, identity, ref)
+    bad = np.isnan(chosen) | np.isnan(rejected)
+    if bad.any():
+        row = int(np.argmax(bad))
+        file, local = pairs.inputs.locate(row)
+        column = REF_COLUMNS[0] if np.isnan(chosen[row]) else REF_COLUMNS[1]
+        raise InputError(file, "is null", row=local, column=column, hint="give --ref MODEL to compute it")
+    if len(stored) > 1:
+        raise InputError(name, f"its reference log-probs come from {len(stored)} different models or settings",
+                         hint="give --ref MODEL (with --recompute-ref) to use one reference")
+    if stored:  # without --ref the model is trusted, but the tokens must be the ones trained on
+        here = {"chat_template": chat_template_hash(tok), "eos": tok.eos_token, "max_length": config.max_length,
+                "max_prompt_length": config.max_prompt_length}
+        if diff := _difference(stored[0], here, tuple(here)):
+            raise InputError(name, f"its reference log-probs cover other tokens: {diff}",
+                             hint="train with the --max-length/--max-prompt-length it was scored with")
+    return RefPlan("input", chosen, rejected, stored[0] if stored else None)
+
+
+def compute_reference(plan: RefPlan, pairs: Pairs, rows: np.ndarray, config: TrainConfig, device) -> RefPlan:
+    """Fill the reference log-probs of `rows` with one pass of the reference model (as `score` does)."""
+    import contextlib
+    import gc
+
+    from sera_cli.console import console
+    from sera_cli.models import load_model, load_tokenizer
+    from sera_cli.scorer import pair_logps
+
+    if not len(rows):
+        return plan
+    table = with_ids(pairs.inputs.table).take(rows)
+    tok = load_tokenizer(plan.model, config.trust_remote_code)
+    model = load_model(plan.model, config.dtype, str(device), config.trust_remote_code)
+    status = console.status(f"Computing reference log-probs of {len(rows):,} pairs once")
+    with status if config.progress else contextlib.nullcontext():
+        out = pair_logps(model, tok, *(table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")),
+                         max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                         batch_tokens=config.ref_batch_tokens)
+    del model
+    gc.collect()
+    chosen, rejected = plan.chosen.copy(), plan.rejected.copy()
+    chosen[rows], rejected[rows] = out["logp_chosen"], out["logp_rejected"]
+    source = "computed" if plan.source == "computed" else "input+computed"
+    return RefPlan(source, chosen, rejected, plan.identity, plan.model)
+
+
+# ---- the order of the batches ------------------------------------------------------------------------
+
+
+def step_batches(n: int, batch_size: int, epochs: int, seed: int, max_steps: int | None = None) -> list[list[int]]:
+    """Row indices of every optimizer step: each epoch a fresh permutation (seeded by seed and epoch), cut into
+    batches of `batch_size` (the last one of an epoch may be smaller). Depends on nothing but its arguments,
+    so a resumed run knows its data position from the step number alone."""
+    steps = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+        steps += [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return steps[:max_steps] if max_steps else steps
+
+
+def local_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[tuple[list[int], float]]:
+    """This process's share of one step, as (rows, weight) micro-batches.
+
+    The step's rows are split into `world` near-equal contiguous parts, each cut into micro-batches of at most
+    `micro` rows. Every process gets the same number of micro-batches (collective ops need it): one with no
+    rows left repeats the step's first row with weight 0.
+    """
+    parts = np.array_split(np.array(batch, dtype=np.int64), world)
+    count = max(1, -(-len(parts[0]) // micro))
+    mine = parts[rank].tolist()
+    out = [(mine[i * micro:(i + 1) * micro], 1.0) for i in range(count)]
+    return [(rows, w) if rows else ([batch[0]], 0.0) for rows, w in out]
+
+
+def collate_pairs(pairs: Pairs, rows: list[int], pad_id: int) -> dict[str, Any]:
+    """One forward batch: the rows' chosen sequences, then their rejected ones (right-padded)."""
+    from sera_cli.logps import collate
+
+    enc = [pairs.encoded[i] for i in rows]
+    return collate([(e.sequence(0), len(e.prompt)) for e in enc] + [(e.sequence(1), len(e.prompt)) for e in enc],
+                   pad_id)
+
+
+def needed_rows(steps: list[list[int]], rank: int, world: int, micro: int) -> np.ndarray:
+    """Every row this process runs (weight-0 fillers included), to compute only its share of reference log-probs."""
+    rows = {r for batch in steps for part, _ in local_micro_batches(batch, rank, world, micro) for r in part}
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def ref_source(plan: RefPlan, config: TrainConfig, device):
+    """A function (rows, batch) -> (reference log-probs of the chosen [B], of the rejected [B]) on `device`:
+    a table lookup, the reference model run on the batch ('live', the baseline), or zeros (reference-free)."""
+    import torch
+
+    if plan.source == "none":
+        return lambda rows, batch: (torch.zeros(len(rows), device=device),) * 2
+    if plan.source == "live":
+        from sera_cli.logps import sequence_logps
+        from sera_cli.models import load_model
+
+        model = load_model(plan.model, config.dtype, str(device), config.trust_remote_code)
+
+        def live(rows, batch):
+            with torch.no_grad():
+                logps, _ = sequence_logps(model, **batch)
+            return logps[:len(rows)], logps[len(rows):]
+
+        return live
+    chosen, rejected = torch.tensor(plan.chosen), torch.tensor(plan.rejected)
+    return lambda rows, batch: (chosen[rows].to(device), rejected[rows].to(device))
