@@ -69,20 +69,21 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
     return f"What is {a} {word} {b}?", f"{a} {word} {b} is {value}.", f"{a} {word} {b} is {wrong}."
 
 
+def _lookup(rng: random.Random, table: dict[str, str], asks: list[str], answer: str) -> tuple[str, str, str]:
+    """A question about one key of `table`: chosen gives its value, rejected another key's value."""
+    key = rng.choice(sorted(table))
+    other = rng.choice([v for k, v in sorted(table.items()) if k != key])
+    return rng.choice(asks).format(key), answer.format(key, table[key]), answer.format(key, other)
+
+
 def _capital(rng: random.Random) -> tuple[str, str, str]:
-    country = rng.choice(sorted(CAPITALS))
-    other = rng.choice([c for k, c in sorted(CAPITALS.items()) if k != country])
-    ask = rng.choice(["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital of {}."])
-    return (ask.format(country), f"The capital of {country} is {CAPITALS[country]}.",
-            f"The capital of {country} is {other}.")
+    return _lookup(rng, CAPITALS, ["What is the capital of {}?", "Which city is the capital of {}?",
+                                   "Name the capital of {}."], "The capital of {} is {}.")
 
 
 def _opposite(rng: random.Random) -> tuple[str, str, str]:
-    word = rng.choice(sorted(OPPOSITES))
-    other = rng.choice([v for k, v in sorted(OPPOSITES.items()) if k != word])
-    ask = rng.choice(["What is the opposite of '{}'?", "Give the opposite of the word '{}'."])
-    return (ask.format(word), f"The opposite of '{word}' is '{OPPOSITES[word]}'.",
-            f"The opposite of '{word}' is '{other}'.")
+    return _lookup(rng, OPPOSITES, ["What is the opposite of '{}'?", "Give the opposite of the word '{}'."],
+                   "The opposite of '{}' is '{}'.")
 
 
 def _colour(rng: random.Random) -> tuple[str, str, str]:
@@ -110,11 +111,8 @@ def _day(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _symbol(rng: random.Random) -> tuple[str, str, str]:
-    element = rng.choice(sorted(SYMBOLS))
-    other = rng.choice([v for k, v in sorted(SYMBOLS.items()) if k != element])
-    ask = rng.choice(["What is the chemical symbol for {}?", "Which symbol stands for {} in chemistry?"])
-    return (ask.format(element), f"The symbol for {element} is {SYMBOLS[element]}.",
-            f"The symbol for {element} is {other}.")
+    return _lookup(rng, SYMBOLS, ["What is the chemical symbol for {}?",
+                                  "Which symbol stands for {} in chemistry?"], "The symbol for {} is {}.")
 
 
 def _plural(rng: random.Random) -> tuple[str, str, str]:
