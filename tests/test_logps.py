@@ -119,3 +119,19 @@ def test_prompt_sharing_equals_separate_sequences(tiny_policy):
     separate, n2 = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=256, share_prompts=False)
     np.testing.assert_allclose(shared, separate, atol=1e-4, rtol=0)
     assert (n1 == n2).all()
+
+
+def test_prompt_sharing_in_small_windows_and_tight_batches_gives_the_same_numbers(tiny_policy, monkeypatch):
+    """Many prompt windows and one-response batches (keys gathered from several prompt batches) change the
+    batching only, never the numbers."""
+    import sera_cli.scorer
+    from sera_cli.scorer import flat_sequences, sequences_logps
+
+    ref = resolve(tiny_policy)
+    model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
+    encs = [encode(tok, p, [c, r]) for p, c, r in STANDARD_ROWS]
+    seqs = flat_sequences(encs)
+    separate, _ = sequences_logps(model, seqs, tok.pad_token_id, share_prompts=False)
+    monkeypatch.setattr(sera_cli.scorer, "PROMPT_WINDOW_TOKENS", 1)  # every prompt its own window
+    windowed, _ = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=8)
+    np.testing.assert_allclose(windowed, separate, atol=1e-4, rtol=0)

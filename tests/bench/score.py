@@ -2,12 +2,15 @@
 
 Baseline: chosen and rejected of each pair concatenated in one right-padded batch, full-vocabulary logits and
 log-softmax at every position, policy and reference both in memory. sera: `sera_cli.score.score` end to end
-(tokenization, length-sorted token-budget batches, vocabulary projection at response positions only).
+(tokenization, each prompt run once, prompts and responses in length-sorted token-budget batches, vocabulary
+projection at response positions only).
 
     python tests/bench/score.py --pairs 512          # fp32 and bf16, HH-RLHF helpful-base test pairs
 
 Prints tokens/s (prompt+response tokens of both responses, for both models), the ratio, the largest log-prob
-difference, and for bf16 the fraction of this machine's bf16 matmul peak (measured in the same run).
+difference, and for bf16 the fraction of this machine's bf16 matmul peak (measured in the same run). The first
+`--float64-pairs` pairs are also scored one sequence at a time in float64: how far each float32 run is from
+the exact numbers shows what part of their difference is float32 rounding.
 """
 
 from __future__ import annotations
@@ -75,14 +78,32 @@ def sera_run(path: Path, dtype: str, batch_tokens: int) -> tuple[np.ndarray, int
     return logps, summary.tokens, summary.seconds
 
 
-def bf16_peak() -> float:
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
-    for _ in range(3):
+def float64_logps(path, tok, rows, n_pairs: int) -> np.ndarray:
+    """Ground truth for the first pairs: one sequence at a time in float64, full log-softmax (policy and
+    reference are the same weights, so one model serves both)."""
+    model = load_model(path, "float32", "cpu").double()
+    out = np.zeros(2 * n_pairs)
+    with torch.inference_mode():
+        for i, r in enumerate(rows[:n_pairs]):
+            e = encode(tok, r["prompt"], [r["chosen"], r["rejected"]], 1024, 512)
+            for j in (0, 1):
+                ids = torch.tensor([e.sequence(j)])
+                logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                picked = logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+                out[2 * i + j] = float(picked[len(e.prompt) - 1:].sum())
+    return out
+
+
+def bf16_peak(seconds: float = 3.0) -> float:
+    """bf16 matmul FLOP/s at the shape of a 1,024-token batch through an MLP projection of SmolLM2-135M,
+    repeated for about `seconds` (an AVX2-only CPU emulates bf16: a larger square matmul would take minutes)."""
+    a, b = torch.randn(1024, 576, dtype=torch.bfloat16), torch.randn(576, 1536, dtype=torch.bfloat16)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
         a @ b
-    n, t0 = 20, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    return n * 2 * 2048**3 / (time.perf_counter() - t0)
+        n += 1
+    return n * 2 * 1024 * 576 * 1536 / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -91,6 +112,8 @@ def main() -> None:
     ap.add_argument("--baseline-batch", type=int, default=1, help="pairs per baseline batch (2 sequences each)")
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--float64-pairs", type=int, default=16,
+                    help="pairs also scored one at a time in float64, the ground truth both float32 runs are held to")
     args = ap.parse_args()
     rows = hh_pairs("helpful-base", args.pairs)
     tmp = Path(tempfile.mkdtemp())
@@ -116,13 +139,16 @@ def main() -> None:
         print(f"[{dtype}] baseline (batch {args.baseline_batch} pair): {btok / bsec:,.0f} tok/s ({bsec:.1f} s)   "
               f"sera score: {stok / ssec:,.0f} tok/s ({ssec:.1f} s, incl. tokenization and model loads)   "
               f"ratio {stok / ssec / (btok / bsec):.2f}x   max |logp diff| vs baseline {diff:.2e}")
-        if dtype == "bfloat16":
-            peak = bf16_peak()
-            achieved = stok / ssec * 2 * params
-            print(f"[bfloat16] matmul peak {peak / 1e9:,.0f} GFLOP/s; sera score reaches {achieved / 1e9:,.0f} "
-                  f"GFLOP/s = {achieved / peak:.0%} of peak (2 x parameters FLOP per token)")
         if dtype == "float32":
             fp32 = ours
+            if args.float64_pairs:
+                k = min(args.float64_pairs, len(rows))
+                truth = float64_logps(resolve(str(smol.path)), tok, rows, k)
+                err_b = np.abs(base[:, :2 * k] - truth).max()
+                err_s = np.abs(ours[:, :2 * k] - truth).max()
+                gap = np.abs(base[:, :2 * k] - ours[:, :2 * k]).max()
+                print(f"[float32] first {k} pairs against float64 one at a time: baseline max |diff| {err_b:.2e}, "
+                      f"sera {err_s:.2e} (the two float32 runs differ by {gap:.2e} on these pairs)")
         else:
             err = np.abs(ours - fp32)
             irm32 = (fp32[0, 0::2] - fp32[1, 0::2]) - (fp32[0, 1::2] - fp32[1, 1::2])
@@ -130,6 +156,11 @@ def main() -> None:
             print(f"[{dtype}] accuracy vs float32: summed log-prob |diff| mean {err.mean():.3f}, max {err.max():.3f} "
                   f"nats; IRM (beta=1) |diff| mean {np.abs(irm16 - irm32).mean():.3f}, max "
                   f"{np.abs(irm16 - irm32).max():.3f}; sign agreement {np.mean(np.sign(irm16) == np.sign(irm32)):.1%}")
+        if dtype == "bfloat16":
+            peak = bf16_peak()
+            achieved = stok / ssec * 2 * params
+            print(f"[bfloat16] matmul peak {peak / 1e9:,.0f} GFLOP/s; sera score reaches {achieved / 1e9:,.0f} "
+                  f"GFLOP/s = {achieved / peak:.0%} of peak (2 x parameters FLOP per token)")
 
 
 if __name__ == "__main__":
