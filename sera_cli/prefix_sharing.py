@@ -109,11 +109,11 @@ def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[i
     members: list[list[int]] = [[] for _ in prompts]
     for k, g in enumerate(owner):
         members[g].append(k)
+    kv_budget = KV_TOKENS_PER_BATCH_TOKEN * batch_tokens
     for window in windows([len(p) for p in prompts], window_tokens):
         states = dict(zip(window, prompt_states(model, [prompts[g] for g in window], pad_id, batch_tokens),
                           strict=True))
         todo = [k for g in window for k in members[g]]
-        kv_budget = KV_TOKENS_PER_BATCH_TOKEN * batch_tokens
         for batch in length_batches([len(responses[k]) for k in todo], batch_tokens,
                                     [states[owner[k]].length for k in todo], kv_budget):
             idx = [todo[j] for j in batch]

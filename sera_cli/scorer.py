@@ -62,7 +62,7 @@ def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: i
                                  PROMPT_WINDOW_TOKENS, done)
             logp[shared] = lp.double().cpu().numpy()
             ntok[shared] = n.cpu().numpy()
-        for b in length_batches([len(sequences[i][0]) for i in single], batch_tokens) if single else []:
+        for b in length_batches([len(sequences[i][0]) for i in single], batch_tokens):
             idx = [single[j] for j in b]
             batch = {k: v.to(device) for k, v in collate([sequences[i] for i in idx], pad_id).items()}
             lp, n = sequence_logps(model, **batch)

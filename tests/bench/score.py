@@ -37,10 +37,13 @@ from sera_cli.score_config import ScoreConfig  # noqa: E402
 FLOP_PER_TOKEN = None  # filled from the model: 2 * parameters
 
 
-def baseline(models, tok, rows, batch_pairs: int) -> tuple[np.ndarray, int, float]:
+def encode_pairs(tok, rows) -> list:
+    return [encode(tok, r["prompt"], [r["chosen"], r["rejected"]], 1024, 512) for r in rows]
+
+
+def baseline(models, tok, encs, batch_pairs: int) -> tuple[np.ndarray, int, float]:
     """TRL-style: [chosen; rejected] padded together, full logits, log-softmax over the vocabulary."""
-    encs = [encode(tok, r["prompt"], [r["chosen"], r["rejected"]], 1024, 512) for r in rows]
-    out = np.zeros((len(models), len(rows) * 2))
+    out = np.zeros((len(models), len(encs) * 2))
     tokens = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -78,14 +81,13 @@ def sera_run(path: Path, dtype: str, batch_tokens: int) -> tuple[np.ndarray, int
     return logps, summary.tokens, summary.seconds
 
 
-def float64_logps(path, tok, rows, n_pairs: int) -> np.ndarray:
+def float64_logps(ref, encs) -> np.ndarray:
     """Ground truth for the first pairs: one sequence at a time in float64, full log-softmax (policy and
     reference are the same weights, so one model serves both)."""
-    model = load_model(path, "float32", "cpu").double()
-    out = np.zeros(2 * n_pairs)
+    model = load_model(ref, "float32", "cpu").double()
+    out = np.zeros(2 * len(encs))
     with torch.inference_mode():
-        for i, r in enumerate(rows[:n_pairs]):
-            e = encode(tok, r["prompt"], [r["chosen"], r["rejected"]], 1024, 512)
+        for i, e in enumerate(encs):
             for j in (0, 1):
                 ids = torch.tensor([e.sequence(j)])
                 logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
@@ -128,12 +130,13 @@ def main() -> None:
 
     os.chdir(tmp)
     tok = load_tokenizer(smol)
+    encs = encode_pairs(tok, rows)
     params = sum(p.numel() for p in load_model(smol, "float32", "cpu").parameters())
     print(f"{len(rows)} pairs, {params / 1e6:.0f}M parameters, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     for dtype in args.dtypes.split(","):
         models = [load_model(resolve(str(x)), dtype, "cpu") for x in (smol.path, ref_dir)]
-        base, btok, bsec = baseline(models, tok, rows, args.baseline_batch)
+        base, btok, bsec = baseline(models, tok, encs, args.baseline_batch)
         del models
         ours, stok, ssec = sera_run(path, dtype, args.batch_tokens)
         diff = np.abs(base - ours).max()
@@ -144,7 +147,7 @@ def main() -> None:
             fp32 = ours
             if args.float64_pairs:
                 k = min(args.float64_pairs, len(rows))
-                truth = float64_logps(resolve(str(smol.path)), tok, rows, k)
+                truth = float64_logps(smol, encs[:k])
                 err_b = np.abs(base[:, :2 * k] - truth).max()
                 err_s = np.abs(ours[:, :2 * k] - truth).max()
                 gap = np.abs(base[:, :2 * k] - ours[:, :2 * k]).max()
