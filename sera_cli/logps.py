@@ -29,8 +29,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Per-sequence log-probs of the labelled tokens and their counts.
 
     input_ids, attention_mask, labels: [B, T], right-padded; labels hold the token id at response positions and
-    IGNORE elsewhere (prompt, padding). Returns (logps [B] float32, ntok [B] int64): the sum over response tokens
-    of log softmax(logits[t-1])[labels[t]], divided by ntok when `average` (SimPO's length normalisation).
+    IGNORE elsewhere (prompt, padding). Returns (logps [B] in `sum_dtype`, ntok [B] int64): the sum over response
+    tokens of log softmax(logits[t-1])[labels[t]], divided by ntok when `average` (SimPO's length normalisation).
     """
     if input_ids.dim() != 2 or input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
         raise ValueError(f"shapes differ: input_ids {tuple(input_ids.shape)}, labels {tuple(labels.shape)}, "
@@ -47,12 +47,26 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         decoder, head = parts
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         picked = projected_logps(head, hidden[:, :-1][mask], tok)
-    B = input_ids.shape[0]
-    logps = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, picked.float())
+    logps = sum_by_row(picked, rows, input_ids.shape[0])
     ntok = mask.sum(dim=1)
     if average:
         logps = logps / ntok.clamp(min=1)
     return logps, ntok
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """What per-sequence log-prob sums accumulate in: float64 (float32 on Apple's mps, which has no float64).
+
+    A float32 sum of a few hundred token log-probs carries the rounding of its running total (an ulp of a
+    500-nat sum is 6e-5), more than the float32 forward pass itself puts into it.
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def sum_by_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sums of `values` grouped by row index, in `sum_dtype`."""
+    dtype = sum_dtype(values.device)
+    return torch.zeros(n_rows, dtype=dtype, device=values.device).index_add(0, rows, values.to(dtype))
 
 
 def projected_logps(head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from functools import cache as memoize
 import torch
 
 from sera_cli.batching import length_batches, windows
-from sera_cli.logps import _head, projected_logps
+from sera_cli.logps import _head, projected_logps, sum_by_row, sum_dtype
 
 KV_TOKENS_PER_BATCH_TOKEN = 8  # a response batch's gathered prompt keys: at most this many x its token budget
 
@@ -91,8 +91,7 @@ def response_logps(model, states: Sequence[PromptState], responses: Sequence[lis
     mask = att[:, P:].bool()
     picked = projected_logps(head, before[mask], ids[mask])
     rows = mask.nonzero(as_tuple=True)[0]
-    logps = torch.zeros(K, dtype=torch.float32, device=device).index_add(0, rows, picked.float())
-    return logps, mask.sum(-1)
+    return sum_by_row(picked, rows, K), mask.sum(-1)
 
 
 def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], owner: Sequence[int],
@@ -104,7 +103,7 @@ def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[i
     window's responses are scored); `on_batch(response indices)` is called after each response batch.
     """
     device = next(model.parameters()).device
-    logps = torch.zeros(len(responses), dtype=torch.float32, device=device)
+    logps = torch.zeros(len(responses), dtype=sum_dtype(device), device=device)
     ntok = torch.zeros(len(responses), dtype=torch.long, device=device)
     members: list[list[int]] = [[] for _ in prompts]
     for k, g in enumerate(owner):

@@ -9,7 +9,7 @@ import torch
 from conftest import STANDARD_ROWS, conversational_table, standard_table
 
 from sera_cli.encode import encode, truncate
-from sera_cli.logps import collate, sequence_logps
+from sera_cli.logps import collate, sequence_logps, sum_by_row
 from sera_cli.models import load_model, load_tokenizer, resolve
 from sera_cli.score import score
 from sera_cli.score_config import ScoreConfig
@@ -89,6 +89,16 @@ def test_sequence_logps_rejects_mismatched_shapes(tiny_policy):
     model = load_model(resolve(tiny_policy), "float32", "cpu")
     with pytest.raises(ValueError, match="shapes differ"):
         sequence_logps(model, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 4, dtype=torch.long))
+
+
+def test_sums_accumulate_in_float64():
+    # float32 token log-probs whose float32 running total loses the small ones: 3e3 + 1e-4 rounds back to 3e3
+    values = torch.tensor([3000.0] + [1e-4] * 1000 + [-3000.0], dtype=torch.float32)
+    rows = torch.tensor([0] * 1002 + [1])
+    sums = sum_by_row(torch.cat([values, torch.tensor([-2.5])]), rows, 2)
+    assert sums.dtype == torch.float64
+    assert sums[0].item() == pytest.approx(float(values[1:1001].double().sum()), abs=1e-9)  # float32: 0.0
+    assert sums[1].item() == -2.5
 
 
 def test_gradient_flows(tiny_policy):
