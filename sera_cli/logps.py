@@ -58,7 +58,7 @@ def sum_dtype(device: torch.device) -> torch.dtype:
     """What per-sequence log-prob sums accumulate in: float64 (float32 on Apple's mps, which has no float64).
 
     A float32 sum of a few hundred token log-probs carries the rounding of its running total (an ulp of a
-    500-nat sum is 6e-5), more than the float32 forward pass itself puts into it.
+    600-nat sum is 6e-5), as much as the float32 forward pass itself puts into it.
     """
     return torch.float32 if device.type == "mps" else torch.float64
 
