@@ -18,7 +18,7 @@ import typer
 from sera_cli import __version__
 from sera_cli.errors import SeraError
 
-COMMANDS = ("convert", "score", "select", "mix", "generate", "train", "run", "report", "inspect", "sql")
+COMMANDS = ("convert", "score", "merge", "select", "mix", "generate", "train", "run", "report", "inspect", "sql", "eval")
 
 app = typer.Typer(
     name="sera",
@@ -69,4 +69,23 @@ for _name in COMMANDS:
 
 
 def main() -> None:
-    app()
+    """The `sera` entry point. A usage error (unknown option, bad value, missing argument) is one line on stderr
+    with exit code 2, like every other error, instead of a boxed usage text."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as err:
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        if not message:  # `sera` alone: the help, as Typer prints it
+            app()
+            return
+        ctx = getattr(err, "ctx", None)
+        command = ctx.command_path if ctx is not None else "sera"
+        sys.stderr.write(f"error: {message} (see '{command} --help')\n")
+        sys.exit(getattr(err, "exit_code", 2))
+    except typer.Abort:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)

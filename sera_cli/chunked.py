@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import gc
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sera_cli.chunk_store import ChunkStore, chunk_key, progress, token_digest
 from sera_cli.console import console
 from sera_cli.score_config import ScoreConfig
 
@@ -17,26 +16,30 @@ from sera_cli.score_config import ScoreConfig
 class ChunkedLogps:
     """The log-prob work of one run: chunks x models, with resume files and the cache.
 
-    For each model (role), each chunk's log-probs are saved in `folder` as soon as they are done; a chunk whose
-    file exists is not recomputed (resume). With `--low-memory`, models run one after the other.
+    For each model (role), each chunk's log-probs are saved in the chunk store as soon as they are done, keyed by
+    the role's log-prob identity (model fingerprint, template, lengths, dtype) and the chunk's token ids; a chunk
+    saved with that key is not recomputed (resume). With `--low-memory`, models run one after the other.
     """
 
-    def __init__(self, config: ScoreConfig, folder: Path, n_rows: int, seqs, per_row: int,
+    def __init__(self, config: ScoreConfig, store: ChunkStore, n_rows: int, seqs, per_row: int,
                  identities: dict[str, Any]):
         self.config, self.seqs, self.per_row, self.identities = config, seqs, per_row, identities
-        self.dir = folder
+        self.store = store
         self.n_chunks = -(-n_rows // config.chunk_rows)
         self.computed = self.cached = self.resumed = self.tokens = self.sequences_done = 0
-        if self.dir.exists() and not config.resume:
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # a sequence is (ids, prompt_len): where the response starts is part of what a chunk computes
+        tokens = [token_digest([self.seqs[i][1], *self.seqs[i][0]] for i in self._chunk_seqs(c))
+                  for c in range(self.n_chunks)]
+        self.keys = {role: [chunk_key(identity, t) for t in tokens] for role, identity in identities.items()}
+        self.done: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {role: {} for role in identities}
 
     def _chunk_seqs(self, c: int) -> range:
         size = self.config.chunk_rows * self.per_row
         return range(c * size, min((c + 1) * size, len(self.seqs)))
 
-    def _file(self, role: str, c: int) -> Path:
-        return self.dir / f"{role}-{c:06d}.npz"
+    @staticmethod
+    def _file(role: str, c: int) -> str:
+        return f"{role}-{c:06d}.npz"
 
     def run(self, roles: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         phases = [[r] for r in roles] if self.config.low_memory else [list(roles)]
@@ -44,9 +47,9 @@ class ChunkedLogps:
             self._run_phase(phase, roles)
         out = {}
         for role in roles:
-            parts = [np.load(self._file(role, c)) for c in range(self.n_chunks)]
-            out[role] = (np.concatenate([p["logp"] for p in parts]) if parts else np.zeros(0),
-                         np.concatenate([p["ntok"] for p in parts]) if parts else np.zeros(0, np.int64))
+            parts = [self.done[role][c] for c in range(self.n_chunks)]
+            out[role] = (np.concatenate([p[0] for p in parts]) if parts else np.zeros(0),
+                         np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
         return out
 
     def _run_phase(self, phase: list[str], roles: dict[str, Any]) -> None:
@@ -54,8 +57,12 @@ class ChunkedLogps:
 
         todo: dict[str, list[int]] = {}
         for role in phase:
-            todo[role] = [c for c in range(self.n_chunks) if not self._file(role, c).exists()]
-            self.resumed += sum(len(self._chunk_seqs(c)) for c in range(self.n_chunks) if c not in todo[role])
+            for c in range(self.n_chunks):
+                saved = self.store.load(self._file(role, c), self.keys[role][c])
+                if saved is not None:
+                    self.done[role][c] = (saved["logp"], saved["ntok"])
+                    self.resumed += len(self._chunk_seqs(c))
+            todo[role] = [c for c in range(self.n_chunks) if c not in self.done[role]]
         caches = {r: LogpCache(self.config.cache, self.identities[r]) for r in phase} if self.config.cache else {}
         hits: dict[str, dict[str, tuple[float, int]]] = {}
         keys: dict[str, list[str]] = {}
@@ -67,7 +74,7 @@ class ChunkedLogps:
                    sum(len(self._chunk_seqs(c)) for c in todo[role]) for role in phase}
         models = {role: self._load(roles[role]) for role in phase if missing[role]}
         total_tokens = sum(len(self.seqs[i][0]) for role in phase for c in todo[role] for i in self._chunk_seqs(c))
-        with _progress(self.config.progress) as bar:
+        with progress(self.config.progress) as bar:
             task = bar.add_task(f"scoring ({' + '.join(phase)})", total=max(total_tokens, 1), rate="")
             t0 = time.perf_counter()
             for c in sorted({c for role in phase for c in todo[role]}):
@@ -109,9 +116,8 @@ class ChunkedLogps:
             self.computed += len(need)
             if cache:
                 cache.put([keys[j] for j in need], lp, n)
-        tmp = self._file(role, c).with_suffix(".tmp.npz")
-        np.savez(tmp, logp=logp, ntok=ntok)
-        tmp.replace(self._file(role, c))
+        self.store.save(self._file(role, c), self.keys[role][c], {"logp": logp, "ntok": ntok})
+        self.done[role][c] = (logp, ntok)
 
     def _load(self, ref):
         from sera_cli.models import load_model, load_tokenizer
@@ -119,11 +125,3 @@ class ChunkedLogps:
         self._pad_id = load_tokenizer(ref, self.config.trust_remote_code).pad_token_id
         with console.status(f"Loading {ref.spec}"):
             return load_model(ref, self.config.dtype, self.config.device, self.config.trust_remote_code)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled, transient=False)

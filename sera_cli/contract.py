@@ -19,6 +19,7 @@ from sera_cli.io import Inputs
 Kind = Literal["standard", "conversational"]
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 CANDIDATE_COLUMNS = ("prompt", "response")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def column_kind(inputs: Inputs, name: str) -> Kind:
@@ -49,17 +50,19 @@ def _check_text(inputs: Inputs, name: str, kind: Kind) -> None:
     for i, messages in enumerate(col.to_pylist()):
         if not messages:
             _fail(inputs, i, name, "has no messages")
-        for m in messages:
+        for j, m in enumerate(messages):
             if m.get("role") is None or m.get("content") is None or not str(m["content"]).strip():
                 _fail(inputs, i, name, "has a message with no role or empty content")
+            if m["role"] not in ROLES:
+                _fail(inputs, i, name, f"message {j} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
 
 
-def _fail(inputs: Inputs, row: int, column: str, problem: str) -> None:
+def _fail(inputs: Inputs, row: int, column: str, problem: str, hint: str = "fix or drop that row") -> None:
     file, local = inputs.locate(row)
-    raise InputError(file, problem, row=local, column=column, hint="fix or drop that row")
+    raise InputError(file, problem, row=local, column=column, hint=hint)
 
 
-def _require(inputs: Inputs, columns: tuple[str, ...], what: str) -> None:
+def require_columns(inputs: Inputs, columns: tuple[str, ...], what: str) -> None:
     missing = [c for c in columns if c not in inputs.table.column_names]
     if missing:
         have = ", ".join(inputs.table.column_names)
@@ -69,7 +72,7 @@ def _require(inputs: Inputs, columns: tuple[str, ...], what: str) -> None:
 
 def check_pairs(inputs: Inputs) -> Kind:
     """Validate a pairs table; return whether it is standard or conversational."""
-    _require(inputs, PAIR_COLUMNS, "preference pairs")
+    require_columns(inputs, PAIR_COLUMNS, "preference pairs")
     kinds = {c: column_kind(inputs, c) for c in PAIR_COLUMNS}
     if len(set(kinds.values())) > 1:
         file, row = inputs.locate(0)
@@ -77,27 +80,55 @@ def check_pairs(inputs: Inputs) -> Kind:
         raise InputError(file, f"mixes standard and conversational columns ({detail})", row=row, column="chosen")
     for c in PAIR_COLUMNS:
         _check_text(inputs, c, kinds[c])
+    check_ids(inputs)
     return kinds["prompt"]
 
 
 def check_candidates(inputs: Inputs) -> Kind:
     """Validate a candidates table (one response per row)."""
-    _require(inputs, CANDIDATE_COLUMNS, "candidates")
+    require_columns(inputs, CANDIDATE_COLUMNS, "candidates")
     kind = column_kind(inputs, "prompt")
     if column_kind(inputs, "response") != "standard" and kind == "standard":
         file, row = inputs.locate(0)
         raise InputError(file, "response is messages but prompt is a string", row=row, column="response")
     for c in CANDIDATE_COLUMNS:
         _check_text(inputs, c, column_kind(inputs, c))
+    check_ids(inputs)
     return kind
 
 
 def check_prompts(inputs: Inputs) -> Kind:
     """Validate the `prompt` column of any table (generation input): present, not null, not empty."""
-    _require(inputs, ("prompt",), "generation prompts")
+    require_columns(inputs, ("prompt",), "generation prompts")
     kind = column_kind(inputs, "prompt")
     _check_text(inputs, "prompt", kind)
+    check_ids(inputs, unique=False)  # rows that repeat a prompt may repeat its id
     return kind
+
+
+def check_ids(inputs: Inputs, *, unique: bool = True) -> None:
+    """A given `id` column has no nulls and (with `unique`) no repeats: stages join and cache on it."""
+    if "id" not in inputs.table.column_names:
+        return
+    col = inputs.table.column("id")
+    null = pc.is_null(col)
+    if pc.any(null).as_py():
+        _fail(inputs, int(pc.index(null, True).as_py()), "id", "is null",
+              hint="give every row an id, or drop the column and sera makes one from the content")
+    if not unique:
+        return
+    counts = pc.value_counts(col)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        rows = pc.indices_nonzero(pc.is_in(col, value_set=repeated)).to_pylist()
+        seen: dict = {}
+        values = col.take(pa.array(rows)).to_pylist()
+        for row, value in zip(rows, values, strict=True):
+            if value in seen:
+                first_file, first_row = inputs.locate(seen[value])
+                _fail(inputs, row, "id", f"{value!r} is also the id of {first_file} row {first_row}; ids must be "
+                                         "unique")
+            seen[value] = row
 
 
 def is_candidates(table: pa.Table) -> bool:
@@ -107,7 +138,10 @@ def is_candidates(table: pa.Table) -> bool:
 
 
 def with_ids(table: pa.Table) -> pa.Table:
-    """Add a stable content-hash `id` column when the table has none."""
+    """Add a stable content-hash `id` column when the table has none.
+
+    Rows with the same content would get the same hash; the k-th repeat (k >= 2, in row order) gets `-k`
+    appended to it, so ids are unique and a row keeps its id as long as the rows before it are the same."""
     if "id" in table.column_names:
         return table
     if is_candidates(table):
@@ -116,4 +150,13 @@ def with_ids(table: pa.Table) -> pa.Table:
     else:
         cols = [table.column(c).to_pylist() for c in PAIR_COLUMNS]
         ids = [row_id(p, c, r) for p, c, r in zip(*cols, strict=True)]
-    return table.append_column("id", pa.array(ids, pa.string()))
+    return table.append_column("id", pa.array(_unique(ids), pa.string()))
+
+
+def _unique(ids: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        out.append(i if seen[i] == 1 else f"{i}-{seen[i]}")
+    return out

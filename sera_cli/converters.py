@@ -130,7 +130,7 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     from sera_cli.records import read_records
 
     config.validate()
-    check_writable(config.output)
+    check_writable(config.output, config.inputs)
     tables, reports, formats = [], [], {}
     for path in expand(list(config.inputs)):
         records = read_records(path)

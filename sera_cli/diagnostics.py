@@ -135,6 +135,10 @@ def usable(name: str, table: pa.Table, score: str) -> tuple[pa.Table, int]:
     """The rows with a finite score, and how many were dropped."""
     if score not in table.column_names:
         raise InputError(name, f"has no '{score}' column", hint="inspect reads the output of 'sera score'")
+    typ = table.schema.field(score).type
+    if not (pa.types.is_floating(typ) or pa.types.is_integer(typ)):
+        raise InputError(name, f"has type {typ}; expected numbers", column=score,
+                         hint="inspect reads the output of 'sera score'")
     col = pc.cast(table.column(score), pa.float64())
     ok = pc.fill_null(pc.is_finite(col), False)
     kept = table.filter(ok)
@@ -146,9 +150,11 @@ def usable(name: str, table: pa.Table, score: str) -> tuple[pa.Table, int]:
 def inspect(config: InspectConfig) -> dict[str, Any]:
     """The report of one scored file (pairs or candidates); draws the plot when asked."""
     from sera_cli.contract import is_candidates
-    from sera_cli.io import read_inputs
+    from sera_cli.io import check_writable, read_inputs
 
     config.validate()
+    if config.plot:
+        check_writable(config.plot, config.inputs)
     inputs = read_inputs(list(config.inputs))
     candidates = is_candidates(inputs.table) and "irm" not in inputs.table.column_names
     table, missing = usable(inputs.name, inputs.table, "reward" if candidates else "irm")

@@ -10,7 +10,7 @@ import glob
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sera_cli import provenance
 from sera_cli.errors import InputError
 
 STDIO = "-"
@@ -25,11 +26,12 @@ STDIO = "-"
 
 @dataclass(frozen=True)
 class Source:
-    """One input file's place in a concatenated table: rows [start, start + rows)."""
+    """One input file's place in a concatenated table: rows [start, start + rows), and its own provenance."""
 
     name: str
     start: int
     rows: int
+    prov: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def read_inputs(specs: list[str], *, allow_empty: bool = False) -> Inputs:
         if table.num_rows == 0 and not allow_empty:
             raise InputError(name, "has no rows")
         tables.append(table)
-        sources.append(Source(name, start, table.num_rows))
+        sources.append(Source(name, start, table.num_rows, provenance.read(table)))
         start += table.num_rows
     if not tables:
         raise InputError("<none>", "no input files given")
@@ -117,8 +119,8 @@ def read_inputs(specs: list[str], *, allow_empty: bool = False) -> Inputs:
         table = pa.concat_tables([t.select(first.column_names) for t in tables], promote_options="permissive")
     except pa.ArrowException as err:
         raise InputError(sources[-1].name, f"column types differ from {sources[0].name}: {err}") from None
-    # Keep the first file's key-value metadata (its provenance) on the concatenation.
-    return Inputs(table.replace_schema_metadata(first.schema.metadata), tuple(sources))
+    # No one file's provenance describes the concatenation: each file's stays on its Source.
+    return Inputs(table.replace_schema_metadata(None), tuple(sources))
 
 
 @contextmanager
@@ -149,10 +151,34 @@ def write_parquet(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def check_writable(path: str) -> None:
-    """Fail before any work when the output cannot be written (missing permission, folder in the way)."""
+def refuse_overwrite(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                     folder: bool = False) -> None:
+    """Fail when writing `output` would replace an input: the same path, a symlink or hard link to it, or, for an
+    output `folder` (replaced or written into as a whole), an input inside it. Globs are expanded; inputs that do
+    not exist (model names, stdin) cannot be replaced and are skipped."""
+    if not output or str(output) == STDIO:
+        return
+    out = os.path.realpath(output)
+    for spec in (str(s) for s in inputs if s):
+        for path in glob.glob(spec) if any(ch in spec for ch in "*?[") else [spec]:
+            if path == STDIO or not os.path.exists(path):
+                continue
+            real = os.path.realpath(path)
+            if real == out or (os.path.exists(output) and os.path.samefile(path, output)):
+                raise InputError(str(output), f"is the input {path}", hint=_NEVER_REPLACED)
+            if folder and Path(real).is_relative_to(out):
+                raise InputError(str(output), f"holds the input {path}", hint=_NEVER_REPLACED)
+
+
+_NEVER_REPLACED = "outputs never replace inputs: choose another output path"
+
+
+def check_writable(path: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Fail before any work when the output cannot be written (missing permission, folder in the way) or would
+    replace one of the `inputs`."""
     if path == STDIO:
         return
+    refuse_overwrite(path, inputs)
     target = Path(path)
     if target.is_dir():
         raise InputError(path, "is a folder; give a file name for the output")

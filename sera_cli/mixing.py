@@ -190,7 +190,7 @@ def mix(config: MixConfig) -> MixSummary:
     from sera_cli.io import check_writable, write_parquet
 
     config.validate()
-    check_writable(config.output)
+    check_writable(config.output, (config.offline, config.generated))
     off, off_kind, off_scores = _load(config.offline)
     off_parents = lineage.parents(off)
     n = config.n or lineage.find(off_parents, "source_rows")
@@ -219,13 +219,13 @@ def mix(config: MixConfig) -> MixSummary:
         raise InputError(gen.name, f"has columns whose types clash with {off.name}: {str(err).splitlines()[0]}",
                          hint="drop or cast the clashing column with 'sera sql'") from None
     table = table.append_column("iteration", pa.repeat(pa.scalar(config.iteration, pa.int32()), table.num_rows))
-    off_logps = lineage.find(off_parents, "logps")
-    same = gen is None or off_logps == lineage.find(gen_parents, "logps")
+    all_parents = off_parents + (gen_parents or [])
+    same = gen is None or lineage.common_logps(off_parents) == lineage.common_logps(gen_parents)
     prov = provenance.record(
-        "mix", config.as_dict(), parents=off_parents + (gen_parents or []), source_rows=n,
+        "mix", config.as_dict(), parents=all_parents, source_rows=n,
         rows={"offline": len(chosen.offline), "generated": len(chosen.generated)},
         duplicates=chosen.duplicates, shortfall={"offline": chosen.short_offline, "generated": chosen.short_generated},
-        logps=off_logps if same else None)
+        logps=lineage.common_logps(all_parents))
     write_parquet(provenance.attach(table.replace_schema_metadata(None), prov), config.output)
     return MixSummary(n, want_off, want_gen, chosen, table.num_rows, same)
 

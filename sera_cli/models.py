@@ -89,14 +89,28 @@ def fingerprint_folder(folder: str | os.PathLike) -> str:
 
 def gguf_folder(gguf: Path) -> Path:
     """A safetensors folder converted from a GGUF file, made once and cached by the file's hash."""
+    if gguf.stat().st_size == 0:
+        raise ModelError(f"{gguf}: the GGUF file is empty (0 bytes); download it again")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{gguf}: not a GGUF file (it does not start with 'GGUF'); give a .gguf model file")
     target = cache_dir() / "models" / f"gguf-{file_digest(gguf)[:20]}"
     if (target / "config.json").exists():
         return target
     from sera_cli.console import console
 
     with console.status(f"Converting {gguf.name} to safetensors once (about 30 s; cached in {target})"):
-        _convert_gguf(gguf, target)
+        try:
+            _convert_gguf(gguf, target)
+        except Exception as err:  # gguf and transformers raise many types for a bad file
+            raise ModelError(f"{gguf}: cannot read this GGUF file: {_first_line(err)} "
+                             "(is it complete? download it again)") from None
     return target
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -104,6 +118,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    _quiet_gguf_bar()
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -143,19 +158,77 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def resolved_dtype(dtype: str, device: str = "auto") -> str:
+    """The dtype `dtype` stands for on `device` ('auto' resolved), as a name: what log-prob identities record."""
+    return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+
+
+def _load_problem(ref: ModelRef, what: str, err: BaseException) -> str:
+    """One line for a failed load; a model that ships its own code says which flag allows it."""
+    if "trust_remote_code" in str(err):
+        return (f"{ref.spec}: {what} needs code from the model folder, which runs only with --trust-remote-code "
+                "(pass it if you trust that code)")
+    return f"{ref.spec}: cannot load {what}: {_first_line(err)}"
+
+
+def load_config(ref: ModelRef, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises many types here
+        raise ModelError(_load_problem(ref, "its config", err)) from None
+
+
+def model_context(ref: ModelRef, trust_remote_code: bool = False) -> int | None:
+    """The most positions the model takes (max_position_embeddings), when its config says."""
+    cfg = load_config(ref, trust_remote_code)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "max_position_embeddings", None)
+
+
+def check_context(refs: list[ModelRef], lengths: list[int], locate, trust_remote_code: bool = False) -> None:
+    """Every row's longest sequence (`lengths[i]` tokens) fits each model's context; else a one-line error naming
+    the first row that does not (`locate(i)` gives its file and row) and the --max-length that fits."""
+    for ref in refs:
+        context = model_context(ref, trust_remote_code)
+        over = [i for i, n in enumerate(lengths) if context is not None and n > context]
+        if over:
+            from sera_cli.errors import InputError
+
+            file, row = locate(over[0])
+            raise InputError(file, f"{lengths[over[0]]:,} tokens of prompt and response exceed the context of "
+                                   f"{ref.spec} ({context:,} positions, max_position_embeddings)", row=row,
+                             hint=f"pass --max-length {context} or less")
+
+
 def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     src = ref.adapter if ref.adapter and Path(ref.adapter, "tokenizer_config.json").exists() else ref.path
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types here
-        raise ModelError(f"{ref.spec}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
+        raise ModelError(_load_problem(ref, "its tokenizer", err)) from None
     if tok.eos_token is None:
         raise ModelError(f"{ref.spec}: tokenizer has no EOS token, which responses end with")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _quiet_gguf_bar() -> None:
+    """transformers draws a tqdm bar while it de-quantizes a GGUF file; keep it off a stderr that is no TTY."""
+    import sys
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not sys.stderr.isatty() and not isinstance(bar, partial):
+        gguf_utils.tqdm = partial(bar, disable=True)
 
 
 def quiet_transformers() -> None:
@@ -178,7 +251,7 @@ def load_model(ref: ModelRef, dtype: str = "auto", device: str = "auto", trust_r
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelError(f"{ref.spec}: cannot load the model: {str(err).splitlines()[0]}") from None
+        raise ModelError(_load_problem(ref, "the model's weights", err)) from None
     if ref.adapter:
         from peft import PeftModel
 

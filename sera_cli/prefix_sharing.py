@@ -6,6 +6,10 @@ length, so neither pads to the other's length: padding only costs in the attenti
 keys, never in the linear layers that dominate a forward pass. The prompt pass keeps each prompt's keys and
 values; a response batch gathers the keys of its prompts (left-padded to the longest), and its positions
 continue each prompt's own length.
+
+The same functions run under autograd for training (`batch_shared_logps`): a pair's chosen and rejected rows
+gather the keys and values of their one prompt pass (a copy into a fresh tensor, never the prompt's cache
+updated in place), so autograd sums both continuations' gradients into it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sera_cli.batching import length_batches, windows
 from sera_cli.logps import _head, projected_logps, sum_by_row, sum_dtype
 
 KV_TOKENS_PER_BATCH_TOKEN = 8  # a response batch's gathered prompt keys: at most this many x its token budget
+ONE_BATCH = 1 << 60  # a token budget no training micro-batch reaches
 
 
 @dataclass
@@ -60,7 +65,7 @@ def prompt_states(model, prompts: Sequence[list[int]], pad_id: int, batch_tokens
 
 def response_logps(model, states: Sequence[PromptState], responses: Sequence[list[int]],
                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and counts of each response given the prompt whose state is `states[k]` (no gradient).
+    """Summed log-probs and counts of each response given the prompt whose state is `states[k]`.
 
     Equal, up to float rounding, to `sequence_logps` on the concatenated sequences.
     """
@@ -97,7 +102,7 @@ def response_logps(model, states: Sequence[PromptState], responses: Sequence[lis
 def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], owner: Sequence[int],
                  pad_id: int, batch_tokens: int, window_tokens: int,
                  on_batch: Callable[[list[int]], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and counts of `responses[k]` given `prompts[owner[k]]`, every prompt run once (no gradient).
+    """Log-probs and counts of `responses[k]` given `prompts[owner[k]]`, every prompt run once.
 
     Prompts go in windows of at most `window_tokens` prompt tokens (their keys and values are held until the
     window's responses are scored); `on_batch(response indices)` is called after each response batch.
@@ -122,6 +127,14 @@ def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[i
                 on_batch(idx)
         del states
     return logps, ntok
+
+
+def batch_shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]],
+                       owner: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_logps` of one training micro-batch, differentiable: the prompts in one left-padded batch, the
+    responses in one batch over their prompts' gathered keys and values. Equal to `sequence_logps` on the
+    concatenated sequences, values and gradients, within float32 rounding."""
+    return shared_logps(model, prompts, responses, owner, pad_id, ONE_BATCH, ONE_BATCH)
 
 
 @memoize

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sera_cli.errors import InputError
+from sera_cli.io import atomic_path, check_writable
 from sera_cli.pipeline.layout import Layout
+from sera_cli.pipeline.stages import read_ledger
 from sera_cli.rankstats import auroc, spearman
 
 
@@ -40,6 +43,9 @@ class Iteration:
     heldout_accuracy_true: float | None = None
     heldout_flip_auroc: float | None = None
     length_corr: float | None = None
+    eval_win_rate: float | None = None  # with `sera run --eval`: pi_t against pi_0 (iter-t/eval/summary.parquet)
+    eval_lc_win_rate: float | None = None
+    eval_grade: float | None = None
     seconds: float | None = None
     losses: list[float] = field(default_factory=list)
 
@@ -62,21 +68,32 @@ ROWS = [  # (label, attribute, format)
     ("held-out reward accuracy", "heldout_accuracy", ".1%"),
     ("held-out accuracy, true labels", "heldout_accuracy_true", ".1%"),
     ("held-out AUROC for flipped", "heldout_flip_auroc", ".3f"),
-    ("reward-length Spearman (held-out)", "length_corr", "+.3f"), ("stage time (s)", "seconds", ".0f"),
+    ("reward-length Spearman (held-out)", "length_corr", "+.3f"),
+    ("judge win rate vs pi_0", "eval_win_rate", ".1%"),
+    ("judge LC win rate vs pi_0 (length-controlled)", "eval_lc_win_rate", ".1%"),
+    ("judge mean grade (1-10)", "eval_grade", ".2f"), ("stage time (s)", "seconds", ".0f"),
 ]
 
 
 def collect(workdir: str | Path) -> RunReport:
     """Read a workdir's run.json and artifacts into a report."""
     lay = Layout(Path(workdir))
+    if not Path(workdir).is_dir():
+        raise InputError(str(workdir), "no such folder" if not Path(workdir).exists() else "is a file, not a workdir",
+                         hint="give the --workdir of a 'sera run'")
     if not lay.ledger.exists():
         raise InputError(str(workdir), "has no run.json: not a 'sera run' workdir (or the run has not started)")
-    ledger = json.loads(lay.ledger.read_text())
+    ledger = read_ledger(lay.ledger)
     config = ledger.get("config", {})
     iters, irm = [], {}
     t = 1
     while lay.iteration(t).exists():
-        it, irm_t = _iteration(lay, t, ledger, config)
+        try:
+            it, irm_t = _iteration(lay, t, ledger, config)
+        except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as err:  # damaged stage outputs
+            raise InputError(str(lay.iteration(t)), f"cannot be read: {type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                             hint="rerun 'sera run' with the same settings to rebuild the damaged stage") from None
         irm = irm_t or irm
         iters.append(it)
         t += 1
@@ -116,6 +133,9 @@ def _iteration(lay: Layout, t: int, ledger: dict, config: dict) -> tuple[Iterati
             flipped = np.asarray(h["flipped"], bool)
             it.heldout_accuracy_true = float(((v > 0) != flipped).mean())
             it.heldout_flip_auroc = auroc(-v, flipped)
+    if lay.eval_summary(t).exists():
+        ev = pq.read_table(lay.eval_summary(t)).to_pylist()[0]
+        it.eval_win_rate, it.eval_lc_win_rate, it.eval_grade = ev["win_rate"], ev["lc_win_rate"], ev["mean_grade"]
     secs = [rec.get("seconds", 0.0) for key, rec in ledger.get("stages", {}).items()
             if key.startswith(f"iter-{t}/")]
     it.seconds = float(sum(secs)) if secs else None
@@ -237,7 +257,8 @@ def figure(reports: list[RunReport], path: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -255,6 +276,9 @@ def write(workdirs: list[str], output_dir: str | None = None) -> ReportFiles:
         raise InputError(workdirs[0], "no iteration has finished yet: nothing to report")
     out = Path(output_dir) if output_dir else (Path(workdirs[0]) if len(workdirs) == 1 else Path("sera-report"))
     png, md = out / "report.png", out / "report.md"
+    for path in (png, md):
+        check_writable(str(path), [r.workdir / "run.json" for r in reports])
     figure(reports, png)
-    md.write_text(markdown(reports, png.name))
+    with atomic_path(md) as tmp:
+        tmp.write_text(markdown(reports, png.name))
     return ReportFiles(md, png, reports)

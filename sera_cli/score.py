@@ -1,14 +1,15 @@
 """`sera score`: implicit rewards and their margin (IRM) for every pair, or one reward per candidate.
 
 Work is split into fixed chunks of rows. For each model (policy, then reference), every chunk's log-probs are
-saved under a partial folder beside the output as soon as they are done, so `--resume` redoes nothing that
-finished; `--shard i/n` takes a contiguous range of whole chunks, so shards concatenated equal a full run; a
-`--cache` serves any sequence the same model already scored.
+saved in the output's chunk store (`chunk_store`) as soon as they are done, keyed by the model's log-prob
+identity and the chunk's token ids, so `--resume` redoes nothing that finished and reuses nothing stale;
+`--shard i/n` takes a contiguous range of whole chunks, so shards concatenated equal a full run; a `--cache`
+serves any sequence the same model already scored.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,12 @@ import numpy as np
 import pyarrow as pa
 
 from sera_cli import provenance
+from sera_cli.chunk_store import ChunkStore, shard_record, shard_rows
 from sera_cli.chunked import ChunkedLogps
 from sera_cli.console import console
 from sera_cli.contract import check_candidates, check_pairs, is_candidates, with_ids
 from sera_cli.errors import ConfigError, InputError, SeraError
-from sera_cli.hashing import digest
 from sera_cli.io import STDIO, Inputs, check_writable, read_inputs, read_parquet, write_parquet
-from sera_cli.models import cache_dir
 from sera_cli.rewards import dpo_reward, ensemble_margin, reward_margin, simpo_reward
 from sera_cli.score_config import ScoreConfig
 
@@ -40,11 +40,13 @@ class ScoreSummary:
     tokens: int
     seconds: float
     output: str
+    stale: int = 0  # saved chunks not resumed: made by other weights or from other text
 
     def line(self) -> str:
         rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.computed and self.seconds > 0 else ""
+        stale = f", {self.stale:,} stale chunks recomputed" if self.stale else ""
         return (f"scored {self.rows:,} rows ({self.computed:,} sequences computed, {self.cached:,} from cache, "
-                f"{self.resumed:,} resumed{rate}); {self.truncated:,} truncated -> {self.output}")
+                f"{self.resumed:,} resumed{stale}{rate}); {self.truncated:,} truncated -> {self.output}")
 
 
 def validate(config: ScoreConfig) -> None:
@@ -65,62 +67,48 @@ def validate(config: ScoreConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text}: expected i/n, e.g. 0/4") from None
-    return i, n
-
-
-def shard_rows(n_rows: int, chunk_rows: int, shard: tuple[int, int] | None) -> tuple[int, int]:
-    """[start, stop) rows of a shard: a contiguous run of whole chunks."""
-    if shard is None:
-        return 0, n_rows
-    n_chunks = -(-n_rows // chunk_rows)
-    i, n = shard
-    return min(i * n_chunks // n * chunk_rows, n_rows), min((i + 1) * n_chunks // n * chunk_rows, n_rows)
-
-
 def score(config: ScoreConfig) -> ScoreSummary:
     """Read the inputs, score them, write the output atomically."""
     validate(config)
     inputs = read_inputs(list(config.inputs))
     candidates = is_candidates(inputs.table)
     check_candidates(inputs) if candidates else check_pairs(inputs)
-    check_writable(config.output)
+    check_writable(config.output, (*config.inputs, config.prev))
+    _check_cache_folder(config.cache)
     start, stop = shard_rows(inputs.table.num_rows, config.chunk_rows, config.shard)
-    table = with_ids(inputs.table).slice(start, stop - start)
-    try:
-        out, summary = score_table(table, config, inputs=inputs, row_offset=start)
-    except SeraError:  # deterministic failures: resuming would fail the same way, so keep nothing
-        shutil.rmtree(partial_dir(config, table), ignore_errors=True)
-        raise
-    write_parquet(out, config.output)
-    shutil.rmtree(partial_dir(config, table), ignore_errors=True)
+    full = with_ids(inputs.table)
+    shard = shard_record(full.column("id").to_pylist(), config.chunk_rows, config.shard) if config.shard else None
+    if shard and config.prev and config.prev != STDIO:  # shards of one job ensemble with the same previous IRM
+        from sera_cli.hashing import file_digest
+
+        shard["prev"] = file_digest(config.prev)
+    table = full.slice(start, stop - start)
+    with ChunkStore(config.output, "score", config.resume) as store:
+        try:
+            out, summary = score_table(table, config, inputs=inputs, row_offset=start, shard=shard, store=store)
+        except SeraError:  # deterministic failures: resuming would fail the same way, so keep nothing
+            store.finish()
+            raise
+        write_parquet(out, config.output)
+        store.finish()
     return summary
 
 
-def partial_dir(config: ScoreConfig, table: pa.Table) -> Path:
-    key = digest({"ids": digest(table.column("id").to_pylist()), "config": _work_key(config)})[:16]
-    if config.output == STDIO:
-        return cache_dir() / "partial" / key
-    out = Path(config.output)
-    return out.with_name(f".{out.name}.{key}.sera-partial")
-
-
-def _work_key(config: ScoreConfig) -> dict[str, Any]:
-    keep = ("policy", "ref", "reward", "dtype", "max_length", "max_prompt_length", "chunk_rows", "shard")
-    return {k: getattr(config, k) for k in keep}
-
-
 def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = None,
-                row_offset: int = 0) -> tuple[pa.Table, ScoreSummary]:
-    """Score a validated pairs or candidates table (with `id`); returns the table with provenance attached."""
+                row_offset: int = 0, shard: dict[str, Any] | None = None,
+                store: ChunkStore | None = None) -> tuple[pa.Table, ScoreSummary]:
+    """Score a validated pairs or candidates table (with `id`); returns the table with provenance attached.
+    Its parents are the input files (`inputs`), else the table's own provenance (generate --score).
+    Finished chunks go to `store` (the caller's, held open); without one, the output's score chunk store is
+    opened here and emptied once the table is scored."""
+    if store is None:
+        with ChunkStore(config.output, "score", config.resume) as own:
+            scored = score_table(table, config, inputs, row_offset, shard, own)
+            own.finish()
+            return scored
+    from sera_cli import lineage
     from sera_cli.identity import logp_identity
-    from sera_cli.models import check_same_tokenizer, load_tokenizer, resolve
+    from sera_cli.models import check_context, check_same_tokenizer, load_tokenizer, resolve, resolved_dtype
     from sera_cli.scorer import encode_rows, flat_sequences
 
     t0 = time.perf_counter()
@@ -141,11 +129,14 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
                  list(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist(), strict=True)))
     with console.status(f"Tokenizing {len(prompts):,} rows"):
         enc = encode_rows(tok, prompts, responses, config.max_length, config.max_prompt_length)
+    check_context(list(roles.values()), [max(len(e.sequence(i)) for i in range(len(e.responses))) for e in enc],
+                  lambda i: inputs.locate(i + row_offset) if inputs else (name, i), config.trust_remote_code)
     seqs = flat_sequences(enc)
     per_row = 1 if candidates else 2
-    identities = {role: logp_identity(ref, toks[role], config.max_length, config.max_prompt_length, config.dtype)
+    dtype = resolved_dtype(config.dtype, config.device)  # 'auto' is recorded as what it stands for
+    identities = {role: logp_identity(ref, toks[role], config.max_length, config.max_prompt_length, dtype)
                   for role, ref in roles.items()}
-    work = ChunkedLogps(config, partial_dir(config, table), table.num_rows, seqs, per_row, identities)
+    work = ChunkedLogps(config, store, table.num_rows, seqs, per_row, identities)
     results = work.run(roles)
 
     cols = _columns(results, per_row, config, enc)
@@ -164,11 +155,11 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
         "score", {k: v for k, v in config.as_dict().items() if k not in ("extra", "progress")},
         logps={role: identities.get(role) for role in ("policy", "ref")},
         models={role: ref.identity() for role, ref in roles.items()},
-        rows=out.num_rows, truncated=int(cols["truncated"].sum()),
-        parents=[p for p in [provenance.read(table)] if p])
+        rows=out.num_rows, truncated=int(cols["truncated"].sum()), **({"shard": shard} if shard else {}),
+        parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p])
     seconds = time.perf_counter() - t0
     summary = ScoreSummary(out.num_rows, int(cols["truncated"].sum()), len(seqs) * len(roles), work.computed,
-                           work.cached, work.resumed, work.tokens, seconds, config.output)
+                           work.cached, work.resumed, work.tokens, seconds, config.output, store.stale)
     return provenance.attach(out, prov), summary
 
 
@@ -212,18 +203,46 @@ def _check_finite(cols: dict[str, Any], name: str, inputs: Inputs | None, row_of
                              hint="the model overflowed: try --dtype float32, or check the text")
 
 
+def _check_cache_folder(folder: str | None) -> None:
+    """`--cache` names a folder that exists or can be made, and can be written."""
+    if folder is None:
+        return
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise InputError(folder, f"--cache cannot be made: {path} is a file", hint="give --cache a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(folder, f"--cache cannot be written: no permission on {path}",
+                         hint="give --cache a folder you can write to")
+
+
 def _read_prev(config: ScoreConfig, table: pa.Table) -> np.ndarray:
-    """IRM of the previous iteration, aligned to `table` by id."""
+    """IRM of the previous iteration, aligned to `table` by id. A row it lacks, or whose IRM is not finite, is an
+    error unless --prev-missing current (then NaN here: the current IRM stands in for it)."""
     prev = read_parquet(config.prev)
     for col in ("id", "irm"):
         if col not in prev.column_names:
             raise InputError(config.prev, f"missing column '{col}' (is it the output of 'sera score'?)")
+    if not (pa.types.is_floating(prev.schema.field("irm").type) or pa.types.is_integer(prev.schema.field("irm").type)):
+        raise InputError(config.prev, f"has type {prev.schema.field('irm').type}; expected numbers", column="irm")
     prev_ids = prev.column("id").to_pylist()
-    if len(set(prev_ids)) != len(prev_ids):
-        dup = next(i for i, x in enumerate(prev_ids) if prev_ids.index(x) != i)
-        raise InputError(config.prev, f"id {prev_ids[dup]!r} appears twice; ids must be unique to join",
-                         row=dup, column="id")
-    lookup = dict(zip(prev_ids, prev.column("irm").to_numpy(zero_copy_only=False), strict=True))
+    first: dict[Any, int] = {}
+    for i, row_id in enumerate(prev_ids):
+        if row_id is None:
+            raise InputError(config.prev, "is null", row=i, column="id", hint="ids must be set to join on them")
+        if row_id in first:
+            raise InputError(config.prev, f"id {row_id!r} appears twice (also row {first[row_id]}); ids must be "
+                                          "unique to join", row=i, column="id")
+        first[row_id] = i
+    irm = np.asarray(prev.column("irm").to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls become NaN
+    bad = ~np.isfinite(irm)
+    if bad.any() and config.prev_missing != "current":
+        row = int(np.argmax(bad))
+        raise InputError(config.prev, f"is {'null or NaN' if np.isnan(irm[row]) else irm[row]}, not a finite IRM",
+                         row=row, column="irm", hint="rescore that file, or pass --prev-missing current to use the "
+                                                     "current IRM for such rows")
+    lookup = dict(zip(prev_ids, np.where(bad, np.nan, irm), strict=True))
     out = np.empty(table.num_rows)
     for i, row_id in enumerate(table.column("id").to_pylist()):
         if row_id in lookup:

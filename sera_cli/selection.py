@@ -112,11 +112,18 @@ class SelectSummary:
 def select(config: SelectConfig) -> SelectSummary:
     """Read scored pairs (or, with `pairs`, scored candidates), keep the best rows, write them with provenance."""
     from sera_cli import lineage, provenance
-    from sera_cli.contract import check_candidates, is_candidates, with_ids
+    from sera_cli.contract import (
+        PAIR_COLUMNS,
+        check_candidates,
+        check_ids,
+        is_candidates,
+        require_columns,
+        with_ids,
+    )
     from sera_cli.io import check_writable, read_inputs, write_parquet
 
     config.validate()
-    check_writable(config.output)
+    check_writable(config.output, config.inputs)
     inputs = read_inputs(list(config.inputs))
     table, stats = inputs.table, None
     if config.pairs:
@@ -126,6 +133,10 @@ def select(config: SelectConfig) -> SelectSummary:
     elif is_candidates(table):
         raise InputError(inputs.sources[0].name, "holds candidates (one response per row), not pairs",
                          hint="add --pairs to build the max-IRM pair of each prompt")
+    else:
+        check_ids(inputs)
+        if "id" not in table.column_names:  # ids are made from the pair's texts
+            require_columns(inputs, PAIR_COLUMNS, "preference pairs without an 'id' column")
     table = with_ids(table)
     scores = score_column(inputs, table, config.by, locate=not config.pairs)
     choice = choose(scores, table.column("id"), top=config.top, count=config.count,
@@ -133,7 +144,7 @@ def select(config: SelectConfig) -> SelectSummary:
     parents = lineage.parents(inputs)
     prov = provenance.record("select", config.as_dict(), parents=parents, rows_in=table.num_rows,
                              rows_out=len(choice.indices), cutoff=choice.cutoff,
-                             pairs=asdict(stats) if stats else None, logps=lineage.find(parents, "logps"))
+                             pairs=asdict(stats) if stats else None, logps=lineage.common_logps(parents))
     keep = np.zeros(table.num_rows, bool)
     keep[choice.indices] = True
     write_parquet(provenance.attach(table.filter(pa.array(keep)), prov), config.output)
@@ -141,7 +152,7 @@ def select(config: SelectConfig) -> SelectSummary:
 
 
 def score_column(inputs: Inputs, table: pa.Table, column: str, *, locate: bool = True) -> np.ndarray:
-    """A numeric column as float64; a missing, non-numeric, null or NaN value is an error naming the row."""
+    """A numeric column as float64; a missing, non-numeric, null, NaN or infinite value is an error naming the row."""
     if column not in table.column_names:
         have = ", ".join(table.column_names)
         raise InputError(inputs.sources[0].name, f"has no column '{column}' to rank by (has: {have})",
@@ -149,9 +160,13 @@ def score_column(inputs: Inputs, table: pa.Table, column: str, *, locate: bool =
     col = table.column(column)
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise InputError(inputs.sources[0].name, f"has type {col.type}; expected numbers", column=column)
-    bad = pc.or_kleene(pc.is_null(col), pc.is_nan(pc.cast(col, pa.float64())))
+    values = pc.cast(col, pa.float64())
+    bad = pc.invert(pc.fill_null(pc.is_finite(values), False))
     if pc.any(bad).as_py():
         row = int(pc.index(bad, True).as_py())
         file, local = inputs.locate(row) if locate else (inputs.name, row)
-        raise InputError(file, "is null or NaN", row=local, column=column, hint="drop the row or rescore it")
-    return pc.cast(col, pa.float64()).to_numpy()
+        value = values[row].as_py()
+        problem = "is null or NaN" if value is None or value != value else f"is {value}, not a finite number"
+        raise InputError(file, problem, row=local,
+                         column=column, hint="drop the row or rescore it")
+    return values.to_numpy()

@@ -1,7 +1,10 @@
 """SQL over sera's files with DuckDB: each file is a view named after its file stem; only read-only queries run.
 
 `scored.parquet` becomes the view `scored`, `iter-1.parquet` the view `iter_1`. Parquet, CSV and JSON(L) files
-can be queried; nothing is ever written to them.
+can be queried. sera reads the named files itself (Parquet lazily, through Arrow) and hands them to a DuckDB
+connection locked at start: a read-only empty database, no file system or network access (so no COPY, ATTACH,
+read_text, glob or remote reads), no extension install or load, configuration locked. The query can thus read
+the named files and nothing else, and write nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,13 @@ READERS = {".parquet": "read_parquet", ".csv": "read_csv_auto", ".tsv": "read_cs
            ".jsonl": "read_json_auto", ".ndjson": "read_json_auto", ".json": "read_json_auto"}
 ALLOWED = ("SELECT", "EXPLAIN")
 OUTPUTS = (".parquet", ".csv", ".jsonl")
+# DuckDB settings that make the query connection unable to touch anything but the registered inputs.
+NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                 "allow_community_extensions": False}
+LOCKDOWN = {**NO_EXTENSIONS, "enable_external_access": False, "python_enable_replacements": False,
+            "lock_configuration": True}
+LOCKED = ("attached in read-only mode", "the configuration has been locked")  # how DuckDB says it refused
+READ_ONLY = "sera sql is read-only: it reads only the files it is given and writes nothing"
 
 
 class QueryError(SeraError):
@@ -61,17 +72,14 @@ def _reader(path: str) -> str:
     return READERS.get(suffixes[-1] if suffixes else "", "read_parquet")
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _first_line(err: Exception) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
 
 
-def run_query(query: str, paths: list[str]) -> pa.Table:
-    """The result of one read-only query over the files, each registered as a view."""
+def check_kind(query: str) -> None:
+    """A friendly first refusal of statements that are not one SELECT (or EXPLAIN), by DuckDB's own parser.
+    What makes the query read-only is the locked connection of `run_query`, not this check."""
     import duckdb
 
     try:
@@ -81,22 +89,77 @@ def run_query(query: str, paths: list[str]) -> pa.Table:
     kinds = [s.type.name for s in statements]
     if len(kinds) != 1 or kinds[0] not in ALLOWED:
         raise QueryError(f"sera sql runs one read-only SELECT query; got {', '.join(kinds) or 'nothing'}")
-    con = duckdb.connect(":memory:")
+
+
+def source(path: str):
+    """One input as Arrow, read by sera rather than by the query: a lazy dataset for Parquet (its footer is read
+    now, so a truncated file fails here), the whole table for CSV and JSON(L)."""
+    import duckdb
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise InputError(path, "no such file" if not Path(path).exists() else "is a folder, not a file")
+    reader = _reader(path)
+    try:
+        if reader == "read_parquet":
+            return ds.dataset(path, format="parquet", schema=pq.read_schema(path))
+        with duckdb.connect(":memory:", config=dict(NO_EXTENSIONS)) as con:
+            return con.sql(f"SELECT * FROM {reader}($1)", params=[path]).to_arrow_table()
+    except (duckdb.Error, pa.ArrowException, OSError) as err:
+        kind = "Parquet" if reader == "read_parquet" else "CSV" if reader == "read_csv_auto" else "JSON"
+        hint = f"truncated, or not {kind}?"
+        raise InputError(path, f"not a readable {kind} file: {_first_line(err)}", hint=hint) from None
+
+
+def locked_connection(folder: Path, sources: dict[str, Any]):
+    """A DuckDB connection that can read the registered `sources` and nothing else: a read-only (empty) database,
+    no file system or network access, no extension install or load, configuration locked at start."""
+    import duckdb
+
+    db = folder / "inputs.duckdb"
+    duckdb.connect(str(db)).close()
+    con = duckdb.connect(str(db), read_only=True, config={**LOCKDOWN, "temp_directory": str(folder / "spill")})
+    for name, data in sources.items():
+        con.register(name, data)
+    return con
+
+
+def run_query(query: str, paths: list[str]) -> pa.Table:
+    """The result of one read-only query over the files, each registered as a view named by `view_name`."""
+    import duckdb
+
+    check_kind(query)
+    sources: dict[str, Any] = {}
     seen: dict[str, str] = {}
     for path in paths:
-        if not Path(path).is_file():
-            raise InputError(path, "no such file")
         name = view_name(path)
         if name in seen:
             raise InputError(path, f"would be the view '{name}' like {seen[name]}", hint="rename one of them")
         seen[name] = path
-        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {_reader(path)}({_quote(path)})')
-    try:
-        return con.sql(query).to_arrow_table()
-    except duckdb.Error as err:
-        raise QueryError(f"query failed: {_first_line(err)}") from None
-    finally:
-        con.close()
+        sources[name] = source(path)
+    with tempfile.TemporaryDirectory(prefix="sera-sql-") as folder:
+        con = locked_connection(Path(folder), sources)
+        try:
+            return con.sql(query).to_arrow_table()
+        except duckdb.Error as err:
+            raise _query_error(err, seen) from None
+        finally:
+            con.close()
+
+
+def _query_error(err: Exception, files: dict[str, str]) -> SeraError:
+    """One line for a failed query: the file when reading an input failed, else DuckDB's first line."""
+    import duckdb
+
+    first = _first_line(err)
+    for name, path in files.items():
+        if f"registered as '{name}' failed" in first:
+            return InputError(path, f"not a readable Parquet file: {first.split(' failed: ', 1)[-1]}",
+                              hint="truncated, or not Parquet?")
+    if isinstance(err, duckdb.PermissionException) or any(m in first for m in LOCKED):
+        return QueryError(f"query failed: {first} ({READ_ONLY})")
+    return QueryError(f"query failed: {first}")
 
 
 def _plain(value: Any) -> Any:
@@ -171,19 +234,19 @@ def render(table: pa.Table, max_rows: int, screen: int = 120):
 
 def sql(config: SqlConfig) -> pa.Table:
     """Run the query; write it when an output is given. Returns the result."""
-    from sera_cli import provenance
+    from sera_cli import lineage, provenance
     from sera_cli.io import check_writable, expand
-    from sera_cli.lineage import of_file
 
     config.validate()
-    if config.output:
-        check_writable(config.output)
     paths = expand(list(config.inputs))
     if "-" in paths:
         raise InputError("<stdin>", "sera sql reads files, not standard input", hint="give the file names")
+    if config.output:
+        check_writable(config.output, paths)
     table = run_query(config.query, paths)
     if config.output:
-        parents = [p for p in (of_file(path) for path in paths) if p]
-        write_result(table, config.output, provenance.record("sql", config.as_dict(), parents=parents))
+        # Every input file is a parent: a query may join, filter or compute over any of them.
+        parents = [lineage.of_file(path) for path in paths]
+        prov = provenance.record("sql", config.as_dict(), parents=parents, logps=lineage.common_logps(parents))
+        write_result(table, config.output, prov)
     return table
-

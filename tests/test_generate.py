@@ -412,3 +412,68 @@ def test_bad_vllm_not_installed(tmp_path, tiny_policy):
 def test_help_has_an_example():
     r = sera("generate", "--help")
     assert r.exit_code == 0 and "Example: sera generate prompts.parquet --policy" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+ENGINE_PROMPTS = ["Say hi.", "Reply with one word: yes or no. Is water wet?",
+                  "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.", "2+2?"]
+
+
+def _both_engines(spec: str, temperature: float, top_p: float, counts: list[int], tokens: int, batch: int):
+    from sera_cli.generation.engine_hf import HFEngine
+    from sera_cli.generation.engine_hf_reference import ReferenceHFEngine
+    from sera_cli.generation.prompts import prompt_tokens, stop_ids
+    from sera_cli.generation.sampling import Request
+    from sera_cli.models import load_tokenizer, resolve
+
+    ref = resolve(spec)
+    tok = load_tokenizer(ref)
+    stops = stop_ids(ref.path, tok, chat=True)
+    prompts = [prompt_tokens(tok, [{"role": "user", "content": p}]) for p in ENGINE_PROMPTS]
+    requests = [Request(p, c, 1000 + i) for i, (p, c) in enumerate(zip(prompts, counts, strict=True))]
+    kw = {"dtype": "float32", "device": "cpu", "batch_size": batch, "temperature": temperature, "top_p": top_p,
+          "max_new_tokens": tokens, "stop_ids": stops}
+    new, old = HFEngine(ref, tok, **kw), ReferenceHFEngine(ref, tok, **kw)
+    batches = []
+    got = new.generate(requests, batches.append)
+    return got, old.generate(requests), batches, stops
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (1.0, 1.0), (0.0, 1.0)])
+def test_engine_samples_what_the_reference_engine_samples(tiny_policy, temperature, top_p):
+    """Prefix sharing and the preallocated cache change nothing: token for token the one-row-per-sample
+    `model.generate` engine's output, with batches of 6 sequences splitting prompts' samples across batches."""
+    got, want, batches, _ = _both_engines(tiny_policy, temperature, top_p, [4, 4, 3, 4], 10, 6)
+    assert got == want
+    assert [len(b) for b in batches] == [6, 6, 3] and all(len(s) == 10 for b in batches for s in b)
+    assert [len(r) for r in got] == [4, 4, 3, 4]
+    distinct = {tuple(s) for s in got[0]}
+    assert len(distinct) == (1 if temperature == 0 else 4)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (0.0, 1.0)])
+def test_engine_matches_the_reference_on_smollm2(smol, temperature, top_p):
+    """The real model, whose answers stop: a row that finished is padded, as `generate` pads it."""
+    got, want, _, stops = _both_engines(smol.path, temperature, top_p, [4, 4, 4, 4], 24, 16)
+    assert got == want
+    assert any(t in stops for r in got for s in r for t in s[:-1])  # some sample stopped before the limit
+
+
+def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
+    """A model with sliding-window attention keeps transformers' own cache (`generate`), and still samples what
+    the reference engine samples."""
+    from transformers import AutoTokenizer, DynamicCache, MistralConfig, MistralForCausalLM
+
+    from sera_cli.generation.engine_hf import preallocated
+
+    config = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=2, initializer_range=0.2)
+    assert preallocated(DynamicCache(config=config), torch.tensor([0]), 4) is None
+    torch.manual_seed(3)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(smol.path).save_pretrained(tmp_path)
+    got, want, _, _ = _both_engines(str(tmp_path), 0.7, 1.0, [2, 1, 3, 2], 12, 4)
+    assert got == want and [len(r) for r in got] == [2, 1, 3, 2]

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from sera_cli import provenance
 from sera_cli.app import app
+from sera_cli.hashing import file_digest
 from sera_cli.mixing import plan
 from sera_cli.selection import fraction_count
 
@@ -99,7 +100,8 @@ def test_mix_reads_n_from_provenance_chain_and_counts_sources(tmp_path):
     assert by_source == {"offline": {3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0}, "generated": {30.0, 40.0, 50.0}}
     prov = provenance.read(t)
     assert prov["stage"] == "mix" and prov["source_rows"] == 10 and prov["rows"] == {"offline": 7, "generated": 3}
-    assert prov["parents"][0] == CHAIN
+    assert prov["parents"] == [{**CHAIN, "file": off, "file_digest": file_digest(off)},
+                               {"stage": "select", "file": gen, "file_digest": file_digest(gen)}]
 
 
 def test_mix_is_deterministic_under_a_seed_and_shuffles(tmp_path):

@@ -50,7 +50,7 @@ def test_every_problem_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         build(toml, {"method": "dpo", "iterations": 3})
     assert str(err.value) == (
-        "invalid run settings (4 problems): loss must be one of dpo, ipo, slic, simpo (got 'ppo'); "
+        "invalid run settings (4 problems): loss must be one of dpo, ipo, slic, simpo, cdpo, rdpo (got 'ppo'); "
         "method dpo runs one iteration (got iterations = 3); use iterative-dpo for more; "
         "k1 must be in (0, 1] (got 1.5); n must be >= 2 to form a pair from generated responses (got 1)")
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from sera_cli import provenance
 from sera_cli.app import app
+from sera_cli.hashing import file_digest
 from sera_cli.io import Inputs, Source
 from sera_cli.pairing import build_pairs
 from sera_cli.selection import choose, fraction_count
@@ -92,7 +93,8 @@ def test_cli_keeps_top_fraction_with_provenance(tmp_path):
     assert t.column("id").to_pylist() == ["id000", "id002", "id004", "id005", "id007"]
     prov = provenance.read(t)
     assert prov["stage"] == "select" and prov["config"]["top"] == 0.5
-    assert prov["parents"] == [parent] and prov["logps"] == {"policy": "P"} and prov["cutoff"] == 0.5
+    assert prov["parents"] == [{**parent, "file": src, "file_digest": file_digest(src)}]  # each input file, whole
+    assert prov["logps"] == {"policy": "P"} and prov["cutoff"] == 0.5
 
 
 def test_cli_count_min_irm_drop_ties_and_by(tmp_path):

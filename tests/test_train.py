@@ -50,7 +50,7 @@ def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
 
 
 def config(inputs, output, policy, **kw) -> TrainConfig:
-    base = dict(lr=1e-3, batch_size=2, micro_batch=2, progress=False)
+    base = dict(lr=1e-3, batch_size=2, micro_batch=2, progress=False, dtype="float32")
     return TrainConfig((str(inputs),), str(output), policy, **{**base, **kw})
 
 
@@ -91,7 +91,7 @@ def cli_run(tmp_path_factory, scored, tiny_policy):
     """`sera train` on the scored pairs: 2 steps of 2 pairs, micro-batches of 1, reference log-probs reused."""
     out = tmp_path_factory.mktemp("cli") / "pi1"
     r = sera("train", scored, "--policy", tiny_policy, "-o", str(out), "--lr", "1e-3", "--batch-size", "2",
-             "--micro-batch", "1", "--max-steps", "2", "-q")
+             "--micro-batch", "1", "--max-steps", "2", "--dtype", "float32", "-q")
     assert r.exit_code == 0, r.stderr
     return r, out
 

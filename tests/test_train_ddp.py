@@ -31,7 +31,7 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, tiny_policy, ti
     pairs = tmp_path / "pairs.parquet"
     pq.write_table(standard_table(), pairs)
     args = ["train", str(pairs), "--policy", tiny_policy, "--ref", tiny_ref, "--lr", "1e-3", "--batch-size", "3",
-            "--micro-batch", "1", "--epochs", "2", "-q"]
+            "--micro-batch", "1", "--epochs", "2", "--dtype", "float32", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sera_cli", *args,
@@ -39,7 +39,7 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, tiny_policy, ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("trained 4 steps on 6 pairs") == 1  # one summary, from the main process
     train(TrainConfig((str(pairs),), str(tmp_path / "single"), tiny_policy, ref=tiny_ref, lr=1e-3, batch_size=3,
-                      micro_batch=3, epochs=2, progress=False))
+                      micro_batch=3, epochs=2, dtype="float32", progress=False))
     ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
     assert [r["pairs"] for r in ddp] == [3, 3, 3, 3]
     for key in ("loss", "reward_margin", "reward_accuracy", "grad_norm", "lr"):

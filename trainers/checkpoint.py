@@ -15,6 +15,7 @@ from typing import Any
 
 from sera_cli.errors import ConfigError, InputError
 from sera_cli.hashing import digest
+from sera_cli.io import refuse_overwrite
 from trainers.config import TrainConfig
 
 # Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
@@ -29,6 +30,8 @@ def partial_dir(output: str | os.PathLike) -> Path:
 def check_output(config: TrainConfig) -> Path:
     """Fail before any work when the output folder cannot be made; return the partial folder."""
     out = Path(config.output)
+    for folder in (out, partial_dir(out)):  # both are replaced as a whole
+        refuse_overwrite(folder, (*config.inputs, config.policy, config.ref), folder=True)
     if out.exists() and not config.overwrite:
         raise InputError(config.output, "already exists", hint="choose another --output or pass --overwrite")
     if out.exists() and not out.is_dir():
@@ -41,15 +44,29 @@ def check_output(config: TrainConfig) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(config.output, f"cannot be written: no permission on {parent}")
     partial = partial_dir(out)
-    if config.resume and not (partial / "checkpoint" / "state.json").exists():
+    if config.resume and not latest_checkpoint(partial):
         raise ConfigError(f"--resume: no checkpoint in {partial} (the run saves one every --save-steps steps)")
     return partial
 
 
+def latest_checkpoint(partial: Path) -> Path | None:
+    """The newest complete checkpoint: `checkpoint`, or, when a save was cut between its two renames (see
+    `save`), the new one still named `checkpoint.tmp` (complete once its state.json, written last, exists),
+    else the previous one already moved to `checkpoint.old`."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        if (partial / name / "state.json").exists():
+            return partial / name
+    return None
+
+
 def prepare_partial(partial: Path, resume: bool) -> None:
-    """(Main process) a clean partial folder, or the existing one when resuming."""
+    """(Main process) a clean partial folder, or the existing one when resuming, its latest checkpoint named
+    `checkpoint` (finishing a save that was cut between its renames)."""
     if not resume:
         shutil.rmtree(partial, ignore_errors=True)
+    elif (latest := latest_checkpoint(partial)) and latest.name != "checkpoint":
+        shutil.rmtree(partial / "checkpoint", ignore_errors=True)
+        os.replace(latest, partial / "checkpoint")
     try:
         partial.mkdir(parents=True, exist_ok=True)
     except OSError as err:

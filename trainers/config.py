@@ -39,7 +39,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     save_adapter: bool = False  # LoRA: save the adapter instead of merged weights
     gradient_checkpointing: bool = False
-    dtype: str = "auto"
+    dtype: str = "auto"  # the policy's compute dtype (trainers.precision) and the reference's load dtype
     device: str = "auto"
     max_length: int | None = MAX_LENGTH
     max_prompt_length: int | None = MAX_PROMPT_LENGTH
@@ -48,6 +48,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     live_ref: bool = False  # run the reference model every step (the baseline that reuse is measured against)
+    share_prompts: bool = True  # run a pair's prompt once for both responses (False: two whole sequences)
+    length_sort: bool = True  # inside each step, micro-batches of similar length (trainers.batch_order)
     trust_remote_code: bool = False
     progress: bool = True
 

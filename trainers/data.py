@@ -3,7 +3,9 @@
 Reference log-probs come, in order of preference, from the input (columns `logp_ref_chosen` and
 `logp_ref_rejected` written by `sera score`, when their provenance names the same model and settings as
 `--ref`), from one pass of the reference model before the loop (the function `score` uses), or not at all
-(reference-free losses). A reference that cannot be checked is an error, never a silent guess.
+(reference-free losses). A reference that cannot be checked is an error, never a silent guess. The provenance
+is resolved for every input file and, for a derived file, through every parent: log-probs of several references,
+or some of no recorded reference, are never reused together.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sera_cli import provenance
+from sera_cli import lineage
 from sera_cli.contract import check_pairs, with_ids
 from sera_cli.encode import Encoded
 from sera_cli.errors import InputError
@@ -22,6 +24,7 @@ from sera_cli.io import Inputs, read_inputs
 from trainers.config import TrainConfig
 
 REF_COLUMNS = ("logp_ref_chosen", "logp_ref_rejected")
+_KEYS = ("fingerprint", "chat_template", "eos", "max_length", "max_prompt_length", "dtype")  # of a log-prob identity
 _HINT = "pass --recompute-ref to compute them with --ref, or drop --ref to use them as they are"
 
 
@@ -32,13 +35,14 @@ class Pairs:
     inputs: Inputs
     encoded: list[Encoded]
     ids: list[str]
-    prov: dict[str, Any] | None
+    parents: list[dict[str, Any]]  # one entry per input file (sera_cli.lineage.parents)
 
     def __len__(self) -> int:
         return len(self.encoded)
 
 
 def read_pairs(config: TrainConfig, tok) -> Pairs:
+    from sera_cli.models import check_context, resolve
     from sera_cli.scorer import encode_rows
 
     inputs = read_inputs(list(config.inputs))
@@ -47,7 +51,10 @@ def read_pairs(config: TrainConfig, tok) -> Pairs:
     cols = [table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
     encoded = encode_rows(tok, cols[0], list(zip(cols[1], cols[2], strict=True)), config.max_length,
                           config.max_prompt_length)
-    return Pairs(inputs, encoded, table.column("id").to_pylist(), provenance.read(inputs.table))
+    models = [resolve(m) for m in (config.policy, config.ref) if m]
+    check_context(models, [len(e.prompt) + max(map(len, e.responses)) for e in encoded], inputs.locate,
+                  config.trust_remote_code)
+    return Pairs(inputs, encoded, table.column("id").to_pylist(), lineage.parents(inputs))
 
 
 @dataclass(frozen=True)
@@ -65,16 +72,27 @@ class RefPlan:
         return np.flatnonzero(np.isnan(self.chosen) | np.isnan(self.rejected))
 
 
-def ref_identities(prov: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The reference log-prob identities that made a table's `logp_ref_*` columns (distinct)."""
-    if not prov:
-        return []
-    logps = prov.get("logps")
-    if isinstance(logps, dict) and "ref" in logps:
-        found = [logps["ref"]] if logps["ref"] else []
-    else:
-        found = [i for parent in prov.get("parents") or [] for i in ref_identities(parent)]
-    return list({digest(i): i for i in found}.values())
+def ref_groups(inputs: Inputs) -> list[tuple[dict[str, Any] | None, list[str]]]:
+    """The distinct reference identities behind the `logp_ref_*` columns, each with the files they come from,
+    resolved per input file and through every parent of a derived file (None: no identity recorded)."""
+    groups: dict[str, tuple[dict[str, Any] | None, list[str]]] = {}
+    for source in inputs.sources:
+        for file, identity in lineage.ref_sources(source.prov, source.name):
+            files = groups.setdefault(digest(identity) if identity else "", (identity, []))[1]
+            if file not in files:
+                files.append(file)
+    return list(groups.values())
+
+
+def _mixed(inputs: Inputs, groups: list[tuple[dict[str, Any] | None, list[str]]]) -> InputError:
+    """One line naming each origin of the reference log-probs by the setting that tells them apart."""
+    known = [g for g, _ in groups if g]
+    key = next((k for k in _KEYS if len({repr(g.get(k)) for g in known}) > 1), "fingerprint")
+    parts = [f"{', '.join(files)}: " + (f"{key} {_short(g.get(key))!r}" if g else "no reference recorded")
+             for g, files in groups]
+    whose = "its" if len(inputs.sources) == 1 else "their"
+    return InputError(inputs.name, f"{whose} reference log-probs come from different references: {'; '.join(parts)}",
+                      hint="pass --recompute-ref with --ref MODEL to compute them all with one reference")
 
 
 def _short(value: Any) -> Any:
@@ -92,17 +110,24 @@ def _difference(stored: dict[str, Any], wanted: dict[str, Any], keys: tuple[str,
 def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
     """Decide where the reference log-probs come from (see the module docstring); raise on any mismatch."""
     from sera_cli.identity import logp_identity
-    from sera_cli.models import chat_template_hash, check_same_tokenizer, load_tokenizer, resolve
+    from sera_cli.models import (
+        chat_template_hash,
+        check_same_tokenizer,
+        load_tokenizer,
+        resolve,
+        resolved_dtype,
+    )
 
     if not config.spec.needs_ref:
         return RefPlan("none")
-    name, table = pairs.inputs.sources[0].name, pairs.inputs.table
+    name, table = pairs.inputs.name, pairs.inputs.table
     ref = identity = None
     if config.ref:
         ref = resolve(config.ref)
         ref_tok = load_tokenizer(ref, config.trust_remote_code)
         check_same_tokenizer(tok, ref_tok, config.policy, config.ref)
-        identity = logp_identity(ref, ref_tok, config.max_length, config.max_prompt_length, config.dtype)
+        identity = logp_identity(ref, ref_tok, config.max_length, config.max_prompt_length,
+                                 resolved_dtype(config.dtype, config.device))  # as `score` records it
     n = len(pairs)
     if config.live_ref:
         return RefPlan("live", identity=identity, model=ref)
@@ -115,18 +140,20 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
         return RefPlan("computed", np.full(n, np.nan), np.full(n, np.nan), identity, ref)
     chosen, rejected = (np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
                         for c in REF_COLUMNS)
-    stored = ref_identities(pairs.prov)
+    groups = ref_groups(pairs.inputs)
+    stored = [g for g, _ in groups if g]
+    whose = "its" if len(pairs.inputs.sources) == 1 else "their"
     if ref is not None:
         if config.recompute_ref:
             return RefPlan("computed", np.full(n, np.nan), np.full(n, np.nan), identity, ref)
+        if len(groups) > 1:
+            raise _mixed(pairs.inputs, groups)
         if not stored:
-            raise InputError(name, "its reference log-probs carry no provenance to check against --ref",
+            raise InputError(name, f"{whose} reference log-probs carry no provenance to check against --ref",
                              hint=_HINT)
-        keys = ("fingerprint", "chat_template", "eos", "max_length", "max_prompt_length", "dtype")
-        for s in stored:
-            if diff := _difference(s, identity, keys):
-                raise InputError(name, f"its reference log-probs are not those of --ref {config.ref}: {diff}",
-                                 hint=_HINT)
+        if diff := _difference(stored[0], identity, _KEYS):
+            raise InputError(name, f"{whose} reference log-probs are not those of --ref {config.ref}: {diff}",
+                             hint=_HINT)
         return RefPlan("input", chosen, rejected, identity, ref)
     bad = np.isnan(chosen) | np.isnan(rejected)
     if bad.any():
@@ -134,14 +161,13 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
         file, local = pairs.inputs.locate(row)
         column = REF_COLUMNS[0] if np.isnan(chosen[row]) else REF_COLUMNS[1]
         raise InputError(file, "is null", row=local, column=column, hint="give --ref MODEL to compute it")
-    if len(stored) > 1:
-        raise InputError(name, f"its reference log-probs come from {len(stored)} different models or settings",
-                         hint="give --ref MODEL (with --recompute-ref) to use one reference")
+    if len(groups) > 1:  # several references, or some rows without one: none of them can be trusted
+        raise _mixed(pairs.inputs, groups)
     if stored:  # without --ref the model is trusted, but the tokens must be the ones trained on
         here = {"chat_template": chat_template_hash(tok), "eos": tok.eos_token, "max_length": config.max_length,
                 "max_prompt_length": config.max_prompt_length}
         if diff := _difference(stored[0], here, tuple(here)):
-            raise InputError(name, f"its reference log-probs cover other tokens: {diff}",
+            raise InputError(name, f"{whose} reference log-probs cover other tokens: {diff}",
                              hint="train with the --max-length/--max-prompt-length it was scored with")
     return RefPlan("input", chosen, rejected, stored[0] if stored else None)
 

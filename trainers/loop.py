@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from trainers import checkpoint
+from trainers.batch_order import longest_first_steps
 from trainers.config import TrainConfig, validate
 from trainers.data import (
     collate_pairs,
@@ -29,7 +30,9 @@ from trainers.data import (
     ref_source,
     step_batches,
 )
+from trainers.forward import PairLogps
 from trainers.losses import log_ratios
+from trainers.precision import compute_dtype
 
 STATS = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
 
@@ -52,19 +55,6 @@ class TrainSummary:
                 f"{self.first['reward_accuracy']:.2f} -> {self.last['reward_accuracy']:.2f} -> {self.output}")
 
 
-class PairLogps(torch.nn.Module):
-    """The policy behind the shared log-prob function, so DDP/FSDP see one module whose forward is the work."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, labels):
-        from sera_cli.logps import sequence_logps
-
-        return sequence_logps(self.model, input_ids, attention_mask, labels)
-
-
 def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
     """Train the policy on the pairs as `config` says and write the model folder; `on_step` sees each record."""
     t0 = time.perf_counter()
@@ -72,12 +62,12 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     partial = checkpoint.check_output(config)
     acc = make_accelerator(config)
     tok, pairs, steps, refs, plan = prepare_data(config, acc)
+    model = load_policy(config, acc)  # before the partial folder: a model that fails to load leaves nothing
     if acc.is_main_process:
         checkpoint.prepare_partial(partial, config.resume)
     acc.wait_for_everyone()
-    model = load_policy(config, acc)
     optimizer, scheduler = make_optimizer(model, config, len(steps))
-    net, optimizer = acc.prepare(PairLogps(model), optimizer)
+    net, optimizer = acc.prepare(PairLogps(model, tok.pad_token_id, config.share_prompts), optimizer)
     acc.register_for_checkpointing(scheduler)
     key = checkpoint.run_key(config, pairs.ids)
     start = checkpoint.restore(acc, partial, key) if config.resume else 0
@@ -90,10 +80,11 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
             micro = local_micro_batches(batch, acc.process_index, acc.num_processes, config.micro_batch)
             totals = torch.zeros(len(STATS), dtype=torch.float64, device=acc.device)
             for j, (rows, weight) in enumerate(micro):
-                inputs = {k: v.to(acc.device) for k, v in collate_pairs(pairs, rows, tok.pad_token_id).items()}
+                # the baseline's live reference runs on the padded whole sequences
+                live = collate_pairs(pairs, rows, tok.pad_token_id) if plan.source == "live" else {}
                 with acc.no_sync(net) if j < len(micro) - 1 else nullcontext():
-                    logps, ntok = net(**inputs)
-                    ref_chosen, ref_rejected = refs(rows, inputs)
+                    logps, ntok = net([pairs.encoded[i] for i in rows])
+                    ref_chosen, ref_rejected = refs(rows, {k: v.to(acc.device) for k, v in live.items()})
                     n = len(rows)
                     chosen = log_ratios(logps[:n], ref_chosen, ntok[:n], spec.average_logps)
                     rejected = log_ratios(logps[n:], ref_rejected, ntok[n:], spec.average_logps)
@@ -116,7 +107,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
             show(record)
             if on_step:
                 on_step(record)
-    sera = provenance_of(config, pairs, plan, log.records)
+    sera = provenance_of(config, pairs, plan, log.records, acc.mixed_precision)
     checkpoint.save_model(acc, net, tok, partial / "model", not config.save_adapter, sera, log.path)
     if acc.is_main_process:
         checkpoint.publish(partial, partial / "model", config.output)
@@ -142,15 +133,15 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def make_accelerator(config: TrainConfig):
-    """accelerate's Accelerator. The weights being trained stay float32; --dtype bfloat16 or float16 (and auto on
-    a GPU with bfloat16) runs the forward and backward under autocast. --dtype decides, not an accelerate config."""
+    """accelerate's Accelerator. The weights being trained stay float32; --dtype bfloat16 or float16 (and auto
+    where the CPU or GPU does bfloat16 natively, `trainers.precision`) runs the forward and backward under
+    autocast. --dtype decides, not an accelerate config."""
     from accelerate import Accelerator
 
     from sera_cli.models import resolve_device
 
     device = resolve_device(config.device)
-    auto = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}.get(config.dtype, auto)
+    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[compute_dtype(config.dtype, device)]
     try:
         return Accelerator(cpu=device == "cpu", mixed_precision=precision)
     except ValueError:  # another library in this process (a transformers Trainer) fixed accelerate's state
@@ -171,6 +162,8 @@ def prepare_data(config: TrainConfig, acc):
     tok = load_tokenizer(resolve(config.policy), config.trust_remote_code)
     pairs = read_pairs(config, tok)
     steps = step_batches(len(pairs), config.batch_size, config.epochs, config.seed, config.max_steps)
+    if config.length_sort:
+        steps = longest_first_steps(steps, pairs.encoded)
     plan = plan_reference(config, pairs, tok)
     if plan.chosen is not None:
         mine = needed_rows(steps, acc.process_index, acc.num_processes, config.micro_batch)
@@ -214,19 +207,23 @@ def make_optimizer(model, config: TrainConfig, total: int):
     return optimizer, scheduler
 
 
-def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """`sera.json`: the run's config, the identities of the base model and reference, the data's provenance."""
+def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]],
+                  mixed_precision: str = "no") -> dict[str, Any]:
+    """`sera.json`: the run's config (with the dtype the policy ran in, float32 weights either way), the
+    identities of the base model and reference, the data's provenance."""
     from sera_cli import provenance
     from sera_cli.hashing import digest
     from sera_cli.models import resolve
 
+    settings = {k: v for k, v in config.as_dict().items() if k != "progress"}
+    settings["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
     return provenance.record(
-        "train", {k: v for k, v in config.as_dict().items() if k != "progress"},
+        "train", settings, requested_dtype=config.dtype,
         models={"policy": resolve(config.policy).identity(), "ref": plan.model.identity() if plan.model else None},
         reference={"source": plan.source, "logps": plan.identity},
         data={"rows": len(pairs), "ids": digest(pairs.ids)}, steps=len(records),
         first=records[0] if records else None, last=records[-1] if records else None,
-        parents=[pairs.prov] if pairs.prov else [])
+        parents=pairs.parents)
 
 
 @contextmanager

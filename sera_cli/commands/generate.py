@@ -54,10 +54,10 @@ def generate_command(
 
     Example: sera generate prompts.parquet --policy pi1/ --n 4 --seed 1 -o candidates.parquet
     """
+    from sera_cli.chunk_store import parse_shard
     from sera_cli.console import console
     from sera_cli.generation.config import GenerateConfig
     from sera_cli.generation.run import generate
-    from sera_cli.score import parse_shard
 
     config = GenerateConfig(
         inputs=tuple(inputs), output=output, policy=policy, engine=engine, n=n, temperature=temperature, top_p=top_p,

@@ -8,7 +8,8 @@ import typer
 
 
 def report(
-    workdirs: Annotated[list[str], typer.Argument(help="One or more `sera run` workdirs.", show_default=False)],
+    workdirs: Annotated[list[str], typer.Argument(help="One or more `sera run` workdirs, or `sera eval` output "
+                                                  "folders (shown beside them).", show_default=False)],
     output_dir: Annotated[str | None, typer.Option(
         "--output-dir", "-o", help="Where report.md and report.png go (default: the workdir; for several runs "
                                    "./sera-report).", show_default=False)] = None,
@@ -17,14 +18,23 @@ def report(
 
     Per iteration: rows selected and generated, IRM statistics (and how well a low IRM finds flipped labels when the data has a `flipped` column), train loss and reward accuracy, held-out reward accuracy and the reward-length correlation. Prints a table and writes report.md and report.png.
 
+    An eval folder (`sera eval -o DIR`) prints its win-rate table beside the runs' tables; a run made with `--eval` shows its judge's win rate against pi_0 per iteration.
+
     Example: sera report runs/sera runs/idpo -o compare
     """
     from sera_cli import report as rep
     from sera_cli.console import console
+    from sera_cli.evaluation.table import is_eval_folder, read_summary, rich_table
 
-    files = rep.write(workdirs, output_dir)
-    console.print(rep.rich_table(files.reports))
-    console.print(f"wrote {files.markdown} and {files.figure}")
+    evals = [w for w in workdirs if is_eval_folder(w)]
+    runs = [w for w in workdirs if w not in evals]
+    if runs:
+        files = rep.write(runs, output_dir)
+        console.print(rep.rich_table(files.reports))
+    for folder in evals:
+        console.print(rich_table(read_summary(folder), title=f"sera eval {folder}"))
+    if runs:
+        console.print(f"wrote {files.markdown} and {files.figure}")
 
 
 def register(app: typer.Typer) -> None:

@@ -43,8 +43,12 @@ def run(
     n: Annotated[Int, _opt("--n", "Responses generated per prompt.")] = None,
     ensemble_lambda: Annotated[Float, _opt("--ensemble-lambda", "Weight of the previous IRM in the ensemble (Eq. 7).")]
     = None,
-    loss: Annotated[Str, _opt("--loss", "dpo, ipo, slic or simpo.")] = None,
+    loss: Annotated[Str, _opt("--loss", "dpo, ipo, slic, simpo, cdpo or rdpo.")] = None,
     beta: Annotated[Float, _opt("--beta", "Implicit-reward scale beta.")] = None,
+    eps: Annotated[Float, _opt("--eps", "cdpo and rdpo: the assumed label-flip rate.")] = None,
+    cross_fit: Annotated[Int, _opt("--cross-fit", "Cross-fitted IRM: score each of K folds of the offline data "
+                                                  "with a model trained without it (0: in-sample, as the paper).")]
+    = None,
     heldout: Annotated[Float, _opt("--heldout", "Fraction of the data held out for evaluation.")]
     = None,
     rows: Annotated[Int, _opt("--rows", "Use a seeded sample of this many offline rows.")] = None,
@@ -69,6 +73,16 @@ def run(
     batch_tokens: Annotated[Int, _opt("--batch-tokens", "Padded tokens per scoring batch.")] = None,
     cache: Annotated[bool | None, _opt("--cache/--no-cache", "Share a log-prob cache across stages.")]
     = None,
+    eval: Annotated[Str, _opt("--eval", "Prompts file (as for 'sera eval --prompts'): judge pi_t against pi_0 "
+                                        "at the end of each iteration.")] = None,
+    judge: Annotated[Str, _opt("--judge", "Judge for --eval: a local chat model (HF folder, .gguf, "
+                                          "'smollm2-135m').")] = None,
+    judge_url: Annotated[Str, _opt("--judge-url", "Judge for --eval: an OpenAI-compatible endpoint.")] = None,
+    judge_model: Annotated[Str, _opt("--judge-model", "The model name --judge-url serves.")] = None,
+    eval_mode: Annotated[Str, _opt("--eval-mode", "pairwise (win rate against pi_0) or single (1-10).")] = None,
+    eval_max_new_tokens: Annotated[Int, _opt("--eval-max-new-tokens", "Most new tokens per evaluated answer.")]
+    = None,
+    judge_max_tokens: Annotated[Int, _opt("--judge-max-tokens", "Most tokens of a judge's reply.")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Print and write the report at the end.")]
     = True,
 ) -> None:
@@ -106,10 +120,12 @@ def _run(config_file: str | None, flags: dict[str, Any], report: bool) -> None:
     from sera_cli.pipeline.loop import run as run_loop
 
     config = load(config_file, flags)
-    console.print(f"[bold]sera run[/]: method {config.method}, {config.iterations} iteration(s), "
-                  f"policy {config.policy}, workdir {config.workdir}")
+    header = [f"[bold]sera run[/]: method {config.method}, {config.iterations} iteration(s), "
+              f"policy {config.policy}, workdir {config.workdir}"]
 
     def on_stage(stage, event: str, record) -> None:
+        while header:  # once the checks have passed and the first stage comes: a run that fails them says one line
+            console.print(header.pop())
         if event == "start":
             console.print(f"[bold cyan]{stage.key}[/] {stage.title}")
         elif event == "ran":

@@ -41,9 +41,10 @@ def score_command(
 
     Example: sera score pairs.parquet --policy pi1/ --ref smollm2-135m -o scored.parquet
     """
+    from sera_cli.chunk_store import parse_shard
     from sera_cli.console import console
     from sera_cli.errors import ConfigError
-    from sera_cli.score import parse_shard, score
+    from sera_cli.score import score
     from sera_cli.score_config import ScoreConfig
 
     if reward not in ("dpo", "simpo"):

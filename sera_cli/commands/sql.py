@@ -1,4 +1,4 @@
-"""`sera sql`: read-only DuckDB SQL over Parquet files, each a view named after its file stem."""
+"""`sera sql`: read-only DuckDB SQL over the named files, each a view named after its file stem."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def sql(
     json: JsonOpt = False,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown in the terminal table.", min=1)] = 40,
 ) -> None:
-    """Query files with SQL (DuckDB). Read-only: the input files are never written.
+    """Query files with SQL (DuckDB). Read-only: the query sees only the named files (no other file, URL or
+    extension) and writes nothing; -o must differ from every input.
 
     Example: sera sql "SELECT count(*) AS n, avg(irm) AS mean_irm FROM scored WHERE irm > 0" scored.parquet
     """

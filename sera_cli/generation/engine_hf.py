@@ -1,11 +1,20 @@
-"""The transformers engine: batched `model.generate` with left padding, prompts sorted by length.
+"""The transformers engine: each prompt prefilled once, its keys/values shared by its samples, then a decoding loop
+over a preallocated key/value cache.
 
-Sampling (temperature, then top-p) happens in `SeededNucleus`, a logits processor that draws each sequence's
-token by Gumbel-max with noise keyed by (sequence seed, step, token id) and hands `generate` scores whose argmax
-is that token (so `generate` runs in its greedy mode). A sequence's random numbers therefore do not depend on
-its batch; its logits can, at the level of float rounding, because padding changes the shapes of the matrix
-products, and then a sample flips only when two candidates' noisy scores tie to within that rounding. To rule
-even that out, the driver fixes each batch's composition by chunk (see `sera_cli.generation.run`).
+Sequences are batched as before (rows sorted by prompt length, `batch_size` sequences to a batch, left padded to
+the batch's longest prompt), so a batch holds the same rows at the same widths as a batched `model.generate`
+would (`sera_cli.generation.engine_hf_reference`, kept as the baseline). Within a batch, the distinct prompts are
+prefilled once (last position's logits only); the cache rows are then copied to each of the prompt's samples into
+buffers sized for the whole generation, and each step writes its keys/values in place, attending to a view as
+long as the sequence so far (no per-step copy of the cache, no `generate` machinery).
+
+Sampling (temperature, then top-p) draws each sequence's token by Gumbel-max with noise keyed by (sequence seed,
+step, token id), so a sequence's random numbers do not depend on its batch. Its decoding steps run the same
+operations on the same shapes as `model.generate`'s batch of that sequence; the prefill has fewer rows, which
+float32 matmuls on x86 CPUs (MKL) do not notice, so there the tokens are the baseline's (tests/test_generate.py
+checks it token for token). bfloat16 matmuls on CPU (oneDNN) can round a row differently when the row count
+changes, so a shared prefill may flip a near-tied bf16 sample, after which the sequence diverges from the
+baseline's (a GPU's kernels may do the same in any dtype).
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from sera_cli.generation.sampling import Request, row_seed, uniforms
 
@@ -45,12 +55,13 @@ def nucleus_sample(logits: torch.Tensor, noise: Noise, temperature: float, top_p
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     todo = rows_all
     for k in (*(k for k in _TOPK if k < vocab), vocab):  # widen the candidates until they hold the nucleus
-        p, idx = probs[todo].topk(k, dim=-1) if k < vocab else probs[todo].sort(dim=-1, descending=True)
+        rest = probs if len(todo) == len(probs) else probs[todo]  # no copy of the whole table at the first try
+        p, idx = rest.topk(k, dim=-1) if k < vocab else rest.sort(dim=-1, descending=True)
         cum = p.double().cumsum(dim=-1)
         done = cum[:, -1] >= top_p if k < vocab else torch.ones_like(todo, dtype=torch.bool)
         rows, idx, p, cum = todo[done], idx[done], p[done], cum[done]
         inside = (cum - p.double()) < top_p
-        score = scaled[rows].gather(1, idx) + noise(rows, idx)
+        score = scaled[rows.unsqueeze(1), idx] + noise(rows, idx)
         tokens[rows] = idx.gather(1, score.masked_fill(~inside, float("-inf")).argmax(dim=-1, keepdim=True))[:, 0]
         todo = todo[~done]
         if len(todo) == 0:
@@ -62,22 +73,30 @@ def gumbel(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-class SeededNucleus(LogitsProcessor):
-    """Logits processor: sample each row with its own noise; return scores whose argmax is the sample."""
+def seeded_noise(seeds: Sequence[int], step: int) -> Noise:
+    """Gumbel noise of step `step` for rows drawn with `seeds` (one seed per row), as `nucleus_sample` asks for it."""
+    table = np.array(seeds, dtype=np.uint64)
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
-        self.seeds = np.array(seeds, dtype=np.uint64)
-        self.temperature, self.top_p, self.step = temperature, top_p, 0
-
-    def _noise(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        u = uniforms(self.seeds[rows.cpu().numpy()], self.step, ids.cpu().numpy())
+    def noise(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        u = uniforms(table[rows.cpu().numpy()], step, ids.cpu().numpy())
         return gumbel(torch.from_numpy(u)).to(device=ids.device, dtype=torch.float32)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        tokens = nucleus_sample(scores, self._noise, self.temperature, self.top_p)
-        self.step += 1
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, tokens.unsqueeze(1), 0.0)
+    return noise
+
+
+def load_generator(ref, tok, dtype: str, device: str, max_new_tokens: int, stop_ids: Sequence[int],
+                   trust_remote_code: bool):
+    """The model, with a generation config that only sera's flags shape (a model's own generation defaults,
+    such as a repetition penalty, are dropped)."""
+    from transformers import GenerationConfig
+
+    from sera_cli.models import load_model
+
+    model = load_model(ref, dtype, device, trust_remote_code)
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    return model
 
 
 class HFEngine:
@@ -87,16 +106,8 @@ class HFEngine:
 
     def __init__(self, ref, tok, *, dtype: str, device: str, batch_size: int, temperature: float, top_p: float,
                  max_new_tokens: int, stop_ids: Sequence[int], trust_remote_code: bool = False):
-        from transformers import GenerationConfig
-
-        from sera_cli.models import load_model
-
-        self.model = load_model(ref, dtype, device, trust_remote_code)
-        # Only sera's flags shape sampling: a model's own generation defaults (repetition penalty, ...) are dropped.
-        self.model.generation_config = GenerationConfig(
-            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-        self.pad_id = tok.pad_token_id
+        self.model = load_generator(ref, tok, dtype, device, max_new_tokens, stop_ids, trust_remote_code)
+        self.pad_id, self.stops, self.max_new_tokens = tok.pad_token_id, list(stop_ids), max_new_tokens
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
@@ -112,26 +123,90 @@ class HFEngine:
         out: list[list[list[int]]] = [[[] for _ in range(r.count)] for r in requests]
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b:b + self.batch_size]
-            prompts = [requests[i].prompt_ids for i, _ in batch]
+            distinct = list(dict.fromkeys(i for i, _ in batch))
+            owner = [distinct.index(i) for i, _ in batch]
             seeds = [row_seed(requests[i].seed, j) for i, j in batch]
-            generated = self._batch(prompts, seeds)
+            generated = self._batch([requests[i].prompt_ids for i in distinct], owner, seeds)
             for (i, j), ids in zip(batch, generated, strict=True):
                 out[i][j] = ids
             if on_batch:
                 on_batch(generated)
         return out
 
-    def _batch(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
-        from transformers import LogitsProcessorList
-
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for k, p in enumerate(prompts):
-            ids[k, width - len(p):] = torch.tensor(p)
-            mask[k, width - len(p):] = 1
-        sampler = SeededNucleus(seeds, self.temperature, self.top_p)
+    def _batch(self, prompts: list[list[int]], owner: list[int], seeds: list[int]) -> list[list[int]]:
+        """Sequence k continues prompts[owner[k]] with seed seeds[k]."""
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        rows = torch.tensor(owner, device=self.device)
         with torch.inference_mode():
-            seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                       logits_processor=LogitsProcessorList([sampler]))
-        return seqs[:, width:].tolist()
+            prefill = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=ids, attention_mask=mask, cache=prefill, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+            cache = preallocated(prefill, rows, self.max_new_tokens - 1)
+            if cache is None:  # a sliding-window or recurrent layer: let `generate` manage its cache
+                from sera_cli.generation.engine_hf_reference import generate_rows
+
+                return generate_rows(self.model, self.pad_id, [prompts[o] for o in owner], seeds,
+                                     self.temperature, self.top_p)
+            return self._decode(logits.index_select(0, rows), mask.index_select(0, rows), cache, seeds)
+
+    def _decode(self, logits: torch.Tensor, mask: torch.Tensor, cache, seeds: list[int]) -> list[list[int]]:
+        """Sample up to max_new_tokens per row; a finished row is fed (and given) padding, as `generate` does."""
+        stops = torch.tensor(self.stops, device=self.device)
+        done = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
+        steps = []
+        for step in range(self.max_new_tokens):
+            token = nucleus_sample(logits, seeded_noise(seeds, step), self.temperature, self.top_p)
+            token = token.masked_fill(done, self.pad_id)
+            steps.append(token)
+            done |= torch.isin(token, stops)
+            if step + 1 == self.max_new_tokens or bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(len(seeds), 1)], dim=1)
+            logits = self.model(input_ids=token[:, None], attention_mask=mask, cache=cache,
+                                use_cache=True).logits[:, -1]
+        return torch.stack(steps, dim=1).tolist()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [len(prompts), longest], padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for k, p in enumerate(prompts):
+        ids[k, width - len(p):] = torch.tensor(p)
+        mask[k, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def preallocated(prefill, rows: torch.Tensor, room: int):
+    """A cache holding row rows[k] of `prefill` as its row k, with room for `room` more positions; None when a
+    layer is not a plain growing one (sliding windows, recurrent states)."""
+    if not prefill.layers or any(type(layer) is not DynamicLayer for layer in prefill.layers):
+        return None
+    cache = DynamicCache(config=None)
+    cache.layers = [_Buffered(layer.keys, layer.values, rows, room) for layer in prefill.layers]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+class _Buffered(DynamicLayer):
+    """One layer's keys/values in buffers sized for the whole generation; `keys` and `values` are views of the
+    filled part, so attention sees the same shapes as with a growing cache, without copying it at each step."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, room: int):
+        super().__init__()
+        n = keys.shape[2]
+        self._k = keys.new_empty((len(rows), keys.shape[1], n + room, keys.shape[3]))
+        self._v = values.new_empty((len(rows), values.shape[1], n + room, values.shape[3]))
+        self._k[:, :, :n] = keys.index_select(0, rows)
+        self._v[:, :, :n] = values.index_select(0, rows)
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        self._k[:, :, n:n + m] = key_states
+        self._v[:, :, n:n + m] = value_states
+        self.keys, self.values = self._k[:, :, :n + m], self._v[:, :, :n + m]
+        return self.keys, self.values

@@ -14,32 +14,27 @@ flips of near-tied tokens), never through its random stream.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from sera_cli import provenance
+from sera_cli.chunk_store import ChunkStore, chunk_key, progress, shard_record, shard_rows, token_digest
 from sera_cli.console import console
 from sera_cli.errors import ConfigError
 from sera_cli.generation.config import GenerateConfig
 from sera_cli.generation.prompts import (
     Prompts,
     check_lengths,
-    model_context,
     prompt_tokens,
     read_prompts,
     stop_ids,
 )
 from sera_cli.generation.sampling import Request, collect, trim
-from sera_cli.hashing import digest
-from sera_cli.io import STDIO, Inputs, check_writable, read_inputs, write_parquet
-from sera_cli.models import cache_dir
+from sera_cli.io import Inputs, check_writable, read_inputs, write_parquet
 
 COLUMNS = ("prompt_id", "prompt", "response", "sample_idx", "finish_reason", "ntok", "id")
 # A finished chunk on disk: `index` is the prompt's place among the run's distinct prompts.
@@ -60,12 +55,14 @@ class GenerateSummary:
     total_seconds: float
     engine: str
     output: str
+    stale: int = 0  # saved chunks generated again: made by other weights, settings or prompts
 
     def line(self) -> str:
         rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.tokens and self.seconds > 0 else ""
         notes = [f"{self.short_prompts:,} prompts short of distinct responses ({self.missing:,} missing)"
                  if self.short_prompts else "", f"{self.repeated:,} repeated prompts skipped" if self.repeated else "",
-                 f"{self.resumed:,} chunks resumed" if self.resumed else ""]
+                 f"{self.resumed:,} chunks resumed" if self.resumed else "",
+                 f"{self.stale:,} stale chunks generated again" if self.stale else ""]
         extra = "".join(f"; {n}" for n in notes if n)
         return (f"generated {self.responses:,} responses for {self.prompts:,} prompts with {self.engine} "
                 f"({self.tokens:,} new tokens{rate}){extra} -> {self.output}")
@@ -80,26 +77,39 @@ class Sample:
 
 def generate(config: GenerateConfig) -> GenerateSummary:
     """Read prompts, sample `n` distinct responses for each, write the candidates (scored with `--score`)."""
-    from sera_cli.lineage import parents
-    from sera_cli.models import load_tokenizer, resolve
-    from sera_cli.score import shard_rows
-
     t0 = time.perf_counter()
     config.check()
-    check_writable(config.output)
+    check_writable(config.output, config.inputs)
+    with ChunkStore(config.output, "generate", config.resume) as store:
+        return _generate(config, store, t0)
+
+
+def _generate(config: GenerateConfig, store: ChunkStore, t0: float) -> GenerateSummary:
+    from sera_cli.lineage import parents
+    from sera_cli.models import (
+        check_same_tokenizer,
+        load_tokenizer,
+        model_context,
+        resolve,
+        tokenizer_fingerprint,
+    )
+
     inputs = read_inputs(list(config.inputs))
     prompts = read_prompts(inputs)
     ref = resolve(config.policy)
     tok = load_tokenizer(ref, config.trust_remote_code)
+    if config.score and config.ref:  # before generating: a mismatch found after it would waste the run
+        ref_tok = load_tokenizer(resolve(config.ref), config.trust_remote_code)
+        check_same_tokenizer(tok, ref_tok, config.policy, config.ref)
     start, stop = shard_rows(len(prompts.ids), config.chunk_prompts, config.shard)
     tokens = [prompt_tokens(tok, p) for p in prompts.texts[start:stop]]
-    context = model_context(ref.path, config.trust_remote_code)
+    context = model_context(ref, config.trust_remote_code)
     check_lengths(inputs, _slice(prompts, start, stop), tokens, config.max_new_tokens, context)
     stops = stop_ids(ref.path, tok, chat=prompts.kind == "conversational")
     engine_id = _engine_identity(config)
-    work = _Work(config, prompts, start, stop, tokens, stops, tok, key={
-        "prompts": digest([prompts.ids[start:stop], prompts.texts[start:stop]]), "model": ref.fingerprint,
-        "engine": engine_id, "sampling": config.sampling(), "chunk_prompts": config.chunk_prompts, "stops": stops})
+    work = _Work(config, store, prompts, start, stop, tokens, stops, tok, identity={
+        "model": ref.fingerprint, "tokenizer": tokenizer_fingerprint(tok), "engine": engine_id,
+        "sampling": config.sampling(), "stops": stops})
     work.run(lambda: _open_engine(config, ref, tok, engine_id["name"], stops, tokens, context))
     table = _table(inputs, prompts, work.rows())
     n_per = pc.value_counts(table.column("prompt_id")) if table.num_rows else []
@@ -109,14 +119,16 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         "generate", {k: v for k, v in config.as_dict().items() if k != "progress"},
         models={"policy": ref.identity()}, engine=engine_id, sampling=config.sampling(), stop_ids=stops,
         prompts=stop - start, responses=table.num_rows, shortfall={"prompts": short, "missing": missing},
+        **({"shard": shard_record(list(prompts.ids), config.chunk_prompts, config.shard)} if config.shard else {}),
         parents=parents(inputs))
     table = provenance.attach(table, prov)
     if config.score:
         table = _score(config, table)
     write_parquet(table, config.output)
-    shutil.rmtree(work.dir, ignore_errors=True)
-    return GenerateSummary(stop - start, table.num_rows, short, missing, prompts.repeated, work.resumed,
-                           work.new_tokens, work.seconds, time.perf_counter() - t0, engine_id["name"], config.output)
+    store.finish()
+    return GenerateSummary(stop - start, table.num_rows, short, missing, prompts.repeated, store.resumed,
+                           work.new_tokens, work.seconds, time.perf_counter() - t0, engine_id["name"], config.output,
+                           store.stale)
 
 
 def _slice(p: Prompts, start: int, stop: int) -> Prompts:
@@ -167,34 +179,42 @@ def _open_engine(config: GenerateConfig, ref, tok, name: str, stops: list[int], 
 
 
 class _Work:
-    """The chunks of one run: generated on demand, saved as they finish, read back at the end."""
+    """The chunks of one run: generated on demand, saved in the chunk store as they finish, kept for the end.
 
-    def __init__(self, config: GenerateConfig, prompts: Prompts, start: int, stop: int, tokens: list[list[int]],
-                 stops: list[int], tok, key: dict[str, Any]):
-        self.config, self.prompts, self.start, self.stop = config, prompts, start, stop
+    A chunk is keyed by `identity` (model fingerprint, tokenizer, engine, sampling, stop ids), its prompts' ids
+    (their random streams) and token ids; a saved chunk with another key is generated again.
+    """
+
+    def __init__(self, config: GenerateConfig, store: ChunkStore, prompts: Prompts, start: int, stop: int,
+                 tokens: list[list[int]], stops: list[int], tok, identity: dict[str, Any]):
+        self.config, self.store, self.prompts, self.start, self.stop = config, store, prompts, start, stop
         self.prompt_tokens, self.stops, self.tok = tokens, stops, tok
-        name = digest(key)[:16]
-        out = Path(config.output)
-        self.dir = (cache_dir() / "partial" / f"generate-{name}" if config.output == STDIO
-                    else out.with_name(f".{out.name}.{name}.sera-partial"))
-        if self.dir.exists() and not config.resume:
-            shutil.rmtree(self.dir)
         self.chunks = list(range(start, stop, config.chunk_prompts))
-        self.resumed = self.new_tokens = 0
+        self.keys = {c: chunk_key({"run": identity, "prompt_ids": prompts.ids[c:self._end(c)]},
+                                  token_digest(tokens[c - start:self._end(c) - start])) for c in self.chunks}
+        self.done: dict[int, pa.Table] = {}
+        self.new_tokens = 0
         self.seconds = 0.0
         self.prompts_done = 0.0
 
-    def _file(self, c: int) -> Path:
-        return self.dir / f"chunk-{c:09d}.parquet"
+    def _end(self, c: int) -> int:
+        return min(c + self.config.chunk_prompts, self.stop)
+
+    @staticmethod
+    def _file(c: int) -> str:
+        return f"chunk-{c:09d}.parquet"
 
     def run(self, open_engine) -> None:
-        todo = [c for c in self.chunks if not self._file(c).exists()]
-        self.resumed = len(self.chunks) - len(todo)
+        for c in self.chunks:
+            saved = self.store.load(self._file(c), self.keys[c])
+            if saved is not None:
+                self.done[c] = saved
+        todo = [c for c in self.chunks if c not in self.done]
         if not todo:
             return
         engine = open_engine()
-        total = sum(min(c + self.config.chunk_prompts, self.stop) - c for c in todo)
-        with _progress(self.config.progress) as bar:
+        total = sum(self._end(c) - c for c in todo)
+        with progress(self.config.progress, counts=True) as bar:
             task = bar.add_task(f"generating ({engine.name})", total=total, rate="")
             t0 = time.perf_counter()
             for c in todo:
@@ -202,7 +222,7 @@ class _Work:
         self.seconds = time.perf_counter() - t0
 
     def _chunk(self, engine, c: int, bar, task, t0: float) -> None:
-        idx = range(c, min(c + self.config.chunk_prompts, self.stop))
+        idx = range(c, self._end(c))
         cfg = self.config
         done_before = self.prompts_done
 
@@ -226,10 +246,8 @@ class _Work:
         flat = [(k, s.text, j, s.finish_reason, s.ntok) for k, samples in zip(idx, kept, strict=True)
                 for j, s in enumerate(samples)]
         table = pa.Table.from_pylist([dict(zip(CHUNK.names, row, strict=True)) for row in flat], schema=CHUNK)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._file(c).with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(self._file(c))
+        self.store.save(self._file(c), self.keys[c], table)
+        self.done[c] = table
 
     def _sample(self, generated: list[int]) -> Sample:
         ids, finish = trim(generated, self.stops, self.config.max_new_tokens)
@@ -238,7 +256,7 @@ class _Work:
         return Sample(text, finish, len(ids))
 
     def rows(self) -> pa.Table:
-        return pa.concat_tables([CHUNK.empty_table()] + [pq.read_table(self._file(c)) for c in self.chunks])
+        return pa.concat_tables([CHUNK.empty_table()] + [self.done[c] for c in self.chunks])
 
 
 def _table(inputs: Inputs, prompts: Prompts, rows: pa.Table) -> pa.Table:
@@ -254,21 +272,12 @@ def _table(inputs: Inputs, prompts: Prompts, rows: pa.Table) -> pa.Table:
 
 def _score(config: GenerateConfig, table: pa.Table) -> pa.Table:
     """`--score`: every candidate's log-probs and implicit reward, as `sera score` computes them."""
-    from sera_cli.score import partial_dir, score_table
+    from sera_cli.score import score_table
     from sera_cli.score_config import ScoreConfig
 
     sc = ScoreConfig(config.inputs, config.output, config.policy, config.ref, config.reward, config.beta,
                      dtype=config.dtype, device=config.device, max_length=config.max_length,
                      max_prompt_length=config.max_prompt_length, cache=config.cache, resume=config.resume,
                      trust_remote_code=config.trust_remote_code, progress=config.progress)
-    scored, _ = score_table(table, sc, inputs=None)
-    shutil.rmtree(partial_dir(sc, table), ignore_errors=True)
+    scored, _ = score_table(table, sc, inputs=None, shard=(provenance.read(table) or {}).get("shard"))
     return scored
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=False)

@@ -16,7 +16,7 @@ from typing import Any
 from sera_cli.errors import ConfigError
 
 METHODS = ("sera", "sera-select", "dpo", "iterative-dpo")
-LOSSES = ("dpo", "ipo", "slic", "simpo")
+LOSSES = ("dpo", "ipo", "slic", "simpo", "cdpo", "rdpo")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class RunConfig:
     ensemble_lambda: float = 0.3
     loss: str = "dpo"
     beta: float = 0.1
+    eps: float = 0.1  # cdpo / rdpo: the assumed label-flip rate
+    cross_fit: int = 0  # K >= 2: score each offline fold with a model trained without it (see `crossfit`)
     heldout: float = 0.15
     rows: int | None = None
     seed: int = 0
@@ -57,6 +59,14 @@ class RunConfig:
     batch_tokens: int = 1024
     cache: bool = True
     trust_remote_code: bool = False
+    # `sera eval` of pi_t against pi_0 at the end of each iteration (with eval = a prompts file)
+    eval: str | None = None
+    judge: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    eval_mode: str = "pairwise"
+    eval_max_new_tokens: int = 512
+    judge_max_tokens: int = 512
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +153,7 @@ def _type_problems(values: Mapping[str, Any], source: Mapping[str, str]) -> dict
             "int | None": v is None or (isinstance(v, int) and not isinstance(v, bool)),
             "float": isinstance(v, int | float) and not isinstance(v, bool),
             "str": isinstance(v, str),
+            "str | None": v is None or isinstance(v, str),
             "bool": isinstance(v, bool),
             "tuple[str, ...]": isinstance(v, tuple) and all(isinstance(x, str) for x in v),
         }[want]
@@ -172,6 +183,12 @@ def validate(c: RunConfig) -> list[str]:
         p.append(f"n must be >= 2 to form a pair from generated responses (got {c.n})")
     if not 0.0 <= c.ensemble_lambda <= 1.0:
         p.append(f"ensemble-lambda must be in [0, 1] (got {c.ensemble_lambda})")
+    if c.loss in ("cdpo", "rdpo") and not 0.0 <= c.eps < 0.5:
+        p.append(f"eps must be in [0, 0.5) (got {c.eps})")
+    if c.cross_fit == 1 or c.cross_fit < 0:
+        p.append(f"cross-fit must be 0 (off) or a number of folds >= 2 (got {c.cross_fit})")
+    if c.cross_fit and c.method in ("dpo", "iterative-dpo"):
+        p.append(f"cross-fit scores the rows to select: it needs method sera or sera-select (got {c.method})")
     if c.beta <= 0:
         p.append(f"beta must be > 0 (got {c.beta})")
     if not 0.0 <= c.heldout < 0.5:
@@ -199,4 +216,12 @@ def validate(c: RunConfig) -> list[str]:
         p.append(f"device must be auto, cpu or cuda (got {c.device!r})")
     if c.engine not in ("auto", "hf", "vllm"):
         p.append(f"engine must be auto, hf or vllm (got {c.engine!r})")
+    if c.eval and not (c.judge or c.judge_url):
+        p.append("eval needs a judge: judge (a local model) or judge-url with judge-model")
+    if c.judge_url and not c.judge_model:
+        p.append("judge-url needs judge-model (the model name the endpoint serves)")
+    if c.eval_mode not in ("pairwise", "single"):
+        p.append(f"eval-mode must be pairwise or single (got {c.eval_mode!r})")
+    if c.eval_max_new_tokens < 1 or c.judge_max_tokens < 1:
+        p.append("eval-max-new-tokens and judge-max-tokens must be >= 1")
     return p

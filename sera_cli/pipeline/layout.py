@@ -14,6 +14,9 @@
     WORKDIR/iter-t/reference.parquet  the training rows with their log-probs under pi_{t-1} (the reference)
     WORKDIR/iter-t/model/             pi_t (with the trainer's metrics.jsonl)
     WORKDIR/iter-t/heldout_scored.parquet  held-out split scored with (pi_t, pi_0)
+    WORKDIR/iter-t/xfit-k/            with --cross-fit K: fold k's training rows, model and scored rows
+    WORKDIR/iter-t/eval/              with --eval: `sera eval` of pi_t against pi_0 (judgments, summary)
+    WORKDIR/eval-cache/               with --eval: answers and judgments shared by the iterations' evals
 """
 
 from __future__ import annotations
@@ -77,3 +80,10 @@ class Layout:
 
     def heldout_scored(self, t: int) -> Path:
         return self.iteration(t) / "heldout_scored.parquet"
+
+    def eval_summary(self, t: int) -> Path:
+        return self.iteration(t) / "eval" / "summary.parquet"
+
+    def xfit(self, t: int, k: int) -> Path:
+        """Fold k's folder of the cross-fitted scoring of iteration t (`train.parquet`, `model/`, ...)."""
+        return self.iteration(t) / f"xfit-{k}"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sera_cli.chunk_store import partial_dirs
 from sera_cli.pipeline.config import RunConfig
 from sera_cli.pipeline.data import data_files, write_prompts, write_reference, write_split
 from sera_cli.pipeline.layout import Layout
@@ -86,13 +87,15 @@ def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: P
     return Stage(key, output, inputs, settings, run, title)
 
 
-def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int) -> Stage:
+def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int, output: Path | None = None) -> Stage:
+    """Train pi_t from pi_{t-1} (reference pi_{t-1}) on `data`, into `output` (default: the iteration's model)."""
     from trainers.config import TrainConfig
 
     policy, ref = model_spec(lay, config, t - 1), model_spec(lay, config, t - 1)
     needs_ref = config.loss != "simpo"
-    tc = TrainConfig(inputs=(str(data),), output=str(lay.model(t)), policy=policy, ref=ref if needs_ref else None,
-                     loss=config.loss, beta=config.beta, lr=config.lr, batch_size=config.batch_size,
+    output = output or lay.model(t)
+    tc = TrainConfig(inputs=(str(data),), output=str(output), policy=policy, ref=ref if needs_ref else None,
+                     loss=config.loss, beta=config.beta, eps=config.eps, lr=config.lr, batch_size=config.batch_size,
                      micro_batch=min(config.micro_batch, config.batch_size), epochs=config.epochs,
                      seed=config.seed + t, lora_r=config.lora_r, dtype=config.dtype, device=config.device,
                      max_length=config.max_length, max_prompt_length=config.max_prompt_length,
@@ -111,7 +114,7 @@ def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int) -
                 "last_loss": s.last["loss"]}
 
     title = f"train pi_{t} from pi_{t - 1} on {data.name}, reference pi_{t - 1} ({config.loss})"
-    return Stage(key, lay.model(t), inputs, settings, run, title)
+    return Stage(key, output, inputs, settings, run, title)
 
 
 def _reference_stage(config: RunConfig, lay: Layout, data: Path, t: int) -> Stage:
@@ -180,6 +183,42 @@ def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) ->
                 pair, f"pair max- vs min-reward responses, keep the top {keep} (k2 = {config.k2})")
 
 
+def _train_data(config: RunConfig, lay: Layout, m: Method, t: int) -> Path:
+    """What pi_t trains on: the reference stage's output, or (SimPO, no reference) the mixed or offline rows."""
+    if config.loss != "simpo":
+        return lay.reference(t)
+    return lay.mixed(t) if t >= 2 and m.select else lay.train
+
+
+def _crossfit_stages(config: RunConfig, lay: Layout, m: Method, t: int, prev: Path | None) -> Iterator[Stage]:
+    """Cross-fitted `iter-t/score` (see `crossfit`): per fold k, train a model as pi_{t-1} was trained but
+    without fold k's rows, score fold k with (that model, pi_{t-2}), then put the folds back in row order."""
+    from sera_cli.pipeline import crossfit
+
+    k_all, seed = config.cross_fit, config.seed + t
+    source = _train_data(config, lay, m, t - 1)
+    scored = []
+    for k in range(k_all):
+        d = lay.xfit(t, k)
+        settings = {"k": k_all, "fold": k, "seed": seed}
+        train, rows, out = d / "train.parquet", d / "fold.parquet", d / "scored.parquet"
+        yield Stage(f"iter-{t}/xfit-{k}/split", train, {"data": str(source)}, {**settings, "side": "out"},
+                    lambda k=k, train=train: crossfit.write_fold(source, k_all, k, seed, False, train),
+                    f"fold {k}: iteration {t - 1}'s training rows outside fold {k}")
+        yield _train_stage(f"iter-{t}/xfit-{k}/train", config, lay, train, t - 1, output=d / "model")
+        yield Stage(f"iter-{t}/xfit-{k}/fold", rows, {"data": str(lay.train)}, {**settings, "side": "in"},
+                    lambda k=k, rows=rows: crossfit.write_fold(lay.train, k_all, k, seed, True, rows),
+                    f"fold {k}: the offline rows in fold {k}")
+        yield _score_stage(f"iter-{t}/xfit-{k}/score", config, lay, rows, out, str(d / "model"),
+                           model_spec(lay, config, t - 2),
+                           f"score fold {k} with (the model that did not see it, pi_{t - 2})", prev)
+        scored.append(out)
+    yield Stage(f"iter-{t}/score", lay.scored(t), {"data": str(lay.train)} | {f"fold{i}": str(p)
+                                                                           for i, p in enumerate(scored)},
+                {"cross_fit": k_all}, lambda: crossfit.combine(lay.train, scored, lay.scored(t)),
+                f"cross-fitted IRM of the offline data ({k_all} folds)")
+
+
 def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int) -> Iterator[Stage]:
     """The stages of iteration t, in order."""
     from sera_cli.mixing import MixConfig
@@ -188,11 +227,14 @@ def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int
     data = lay.train
     if t >= 2 and m.select:
         prev = lay.scored(t - 1) if m.ensemble and t >= 3 else None
-        yield _score_stage(f"iter-{t}/score", config, lay, lay.train, lay.scored(t),
-                           model_spec(lay, config, t - 1), model_spec(lay, config, t - 2),
-                           f"score the offline data with (pi_{t - 1}, pi_{t - 2})"
-                           + (f", ensemble with iteration {t - 1} (lambda {config.ensemble_lambda})" if prev else ""),
-                           prev)
+        if config.cross_fit:
+            yield from _crossfit_stages(config, lay, m, t, prev)
+        else:
+            yield _score_stage(f"iter-{t}/score", config, lay, lay.train, lay.scored(t),
+                               model_spec(lay, config, t - 1), model_spec(lay, config, t - 2),
+                               f"score the offline data with (pi_{t - 1}, pi_{t - 2})"
+                               + (f", ensemble with iteration {t - 1} (lambda {config.ensemble_lambda})"
+                                  if prev else ""), prev)
         sel = SelectConfig(inputs=(str(lay.scored(t)),), output=str(lay.selected(t)), top=config.k1)
 
         def select() -> dict:
@@ -226,11 +268,14 @@ def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int
         yield _reference_stage(config, lay, data, t)
         data = lay.reference(t)
     yield _train_stage(f"iter-{t}/train", config, lay, data, t)
-    if config.heldout == 0:
-        return
-    yield _score_stage(f"iter-{t}/heldout", config, lay, lay.heldout, lay.heldout_scored(t),
-                       model_spec(lay, config, t), model_spec(lay, config, 0),
-                       f"score the held-out split with (pi_{t}, pi_0)")
+    if config.heldout > 0:
+        yield _score_stage(f"iter-{t}/heldout", config, lay, lay.heldout, lay.heldout_scored(t),
+                           model_spec(lay, config, t), model_spec(lay, config, 0),
+                           f"score the held-out split with (pi_{t}, pi_0)")
+    if config.eval:  # `sera eval` of pi_t against pi_0 (sera_cli/pipeline/eval_stage.py)
+        from sera_cli.pipeline.eval_stage import eval_stage
+
+        yield eval_stage(config, lay, t, model_spec(lay, config, t), model_spec(lay, config, 0))
 
 
 def schedule(config: RunConfig, lay: Layout) -> Iterator[Stage]:
@@ -261,13 +306,34 @@ def _clear(path: Path) -> None:
         path.unlink()
 
 
+def check_start(config: RunConfig) -> None:
+    """What can fail before the workdir is made: a file in its place, missing data files, an unknown policy."""
+    from sera_cli.errors import InputError
+    from sera_cli.io import STDIO, expand
+    from sera_cli.models import resolve
+
+    workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(config.workdir, "is a file; --workdir names the folder the run keeps its files in")
+    for path in expand(list(data_files(config.data))):
+        if path == STDIO or not Path(path).is_file():
+            problem = ("cannot be read from standard input: a run reads its data again on resume" if path == STDIO
+                       else "is a folder, not a Parquet file" if Path(path).is_dir() else "no such file")
+            raise InputError(path, problem, hint="give the offline pairs as Parquet files ('sera convert' makes them)")
+    resolve(config.policy)
+
+
 def run(config: RunConfig, on_stage: Callable[[Stage, str, Any], None] | None = None) -> RunSummary:
     """Run (or resume) the whole schedule in `config.workdir`.
 
     `on_stage(stage, event, record)` is called with event "start" (record None) before a stage runs, then with
     "ran" or "skipped" and the stage's record in run.json (its summary, seconds, hashes).
     """
+    from sera_cli.io import refuse_overwrite
+
     t0 = time.perf_counter()
+    refuse_overwrite(config.workdir, (*config.data, config.policy), folder=True)  # stages replace files in it
+    check_start(config)
     lay = Layout(Path(config.workdir))
     lay.root.mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
@@ -275,7 +341,7 @@ def run(config: RunConfig, on_stage: Callable[[Stage, str, Any], None] | None = 
     def start(s: Stage, resumable: bool) -> None:
         _clear(s.output)
         if not resumable:  # partial work of an unfinished run with other inputs (say, a retrained model)
-            for stale in s.output.parent.glob(f".{s.output.name}.*.sera-partial"):
+            for stale in partial_dirs(s.output):
                 _clear(stale)
         if on_stage:
             on_stage(s, "start", None)

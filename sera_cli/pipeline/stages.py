@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sera_cli.errors import ConfigError
+from sera_cli.errors import InputError
 from sera_cli.hashing import digest, file_digest
 from sera_cli.io import atomic_path
+from sera_cli.locking import pid_lock
 
 LEDGER = "run.json"
 
@@ -68,6 +68,20 @@ class Stage:
     title: str = ""                           # what the stage does, for the console
 
 
+def read_ledger(path: Path) -> dict[str, Any]:
+    """A workdir's run.json, checked: a file that is not the JSON a run writes is a one-line error."""
+    hint = "it was damaged; move it away and rerun 'sera run' with the same settings to rebuild it"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(str(path), f"cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    except json.JSONDecodeError as err:
+        raise InputError(str(path), f"is not valid JSON ({err.msg} at line {err.lineno})", hint=hint) from None
+    if not (isinstance(data, dict) and isinstance(data.get("stages"), dict) and isinstance(data.get("log"), list)):
+        raise InputError(str(path), "is not a 'sera run' record (no 'stages' and 'log')", hint=hint)
+    return data
+
+
 @dataclass
 class Ledger:
     """`WORKDIR/run.json`: the run's config, one record per finished stage, and a log of actions."""
@@ -80,7 +94,7 @@ class Ledger:
     def open(cls, workdir: str | Path, config: dict[str, Any]) -> Ledger:
         wd = Path(workdir)
         path = wd / LEDGER
-        data = json.loads(path.read_text()) if path.exists() else {"stages": {}, "log": []}
+        data = read_ledger(path) if path.exists() else {"stages": {}, "log": []}
         invocation = 1 + max((e["invocation"] for e in data["log"]), default=0)
         data["config"] = config
         return cls(wd, data, invocation)
@@ -140,38 +154,7 @@ class Ledger:
         return {e["stage"]: e["action"] for e in self.data["log"] if e["invocation"] == n}
 
 
-@contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
+def workdir_lock(workdir: Path):
     """One run at a time per workdir: `WORKDIR/.lock` holds the pid; a lock whose process is gone is taken over."""
-    path = workdir / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                raise ConfigError(f"{workdir}: another 'sera run' (pid {pid}) is using this workdir; wait for it "
-                                  "or give another --workdir") from None
-            path.unlink(missing_ok=True)
-    else:
-        raise ConfigError(f"{workdir}: cannot take its lock file {path}")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_lock(workdir / ".lock", lambda pid: f"{workdir}: another 'sera run' (pid {pid}) is using this "
+                    "workdir; wait for it or give another --workdir")

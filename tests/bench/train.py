@@ -1,14 +1,23 @@
-"""Benchmark: training with the reference log-probs stored by `score` against running the reference every step.
+"""Benchmark `sera train` against a baseline on the same pairs, each run in a child process of its own (its
+peak memory, resident set on CPU or allocated on GPU, is its own).
 
-Both runs train the same policy on the same HH-RLHF pairs with the same settings; the baseline (`--live-ref`,
-what OpenRLHF does and TRL does unless told to precompute) loads the reference model and runs it on every
-micro-batch. Each run is a child process, so its peak memory (resident set on CPU, allocated on GPU) is its
-own. Prints seconds per pair (training loop only, and whole run with loading), peak memory and the ratios, the
-reward accuracy the stored-reference run logged, and a last line to paste into the README.
+`--baseline live` (default): the same trainer running the reference model every step (what OpenRLHF does, and
+TRL unless told to precompute), against reference log-probs stored by `score`.
+`--baseline trl`: TRL's own `DPOTrainer` (1.16, the `parity` extra; precompute_ref_log_probs=True, so its time
+includes its reference pass, and the fused log-prob head it uses by default) against `sera train` reading the
+reference log-probs from the input (scored first, not timed, as `select` needs them anyway). Same pairs, same
+max length (TRL's keep_start truncation: pairs whose prompt alone fills it are left out of both, as TRL drops
+them), same batch and micro-batch, lr, beta, no warmup, the same step order (TRL's sampler is made to follow
+sera's seeded order, so the step losses can be compared side by side), and an unshared `sera train` run
+(`share_prompts=False`) to show that running each prompt once changes no loss.
+`--baseline none`: `sera train` alone.
 
-    python tests/bench/train.py --pairs 256 --max-length 256 --max-prompt-length 128
-    python tests/bench/train.py --pairs 256 --no-baseline --rescore   # the acceptance run: one DPO epoch, then
-                                                                      # `score` loads the trained folder
+    python tests/bench/train.py --baseline trl --pairs 32 --dtype float32            # HH-RLHF helpful-base
+    python tests/bench/train.py --baseline trl --pairs 32 --dtype bfloat16
+    python tests/bench/train.py --baseline trl --pairs 32 --source ultrafeedback       # short prompts
+    python tests/bench/train.py --baseline none --trl-pairs --pairs 32 --dtype bfloat16   # sera alone, same pairs
+    python tests/bench/train.py --pairs 256 --max-prompt-length 128                   # against --live-ref
+    python tests/bench/train.py --pairs 256 --baseline none --rescore   # one DPO epoch, then `score` loads it
 
 `--rescore` scores the training pairs again with the trained policy and reports the fraction whose implicit
 reward margin is positive (0 before training: policy and reference are the same model, every margin is 0).
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -27,39 +37,97 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hh import hh_pairs  # noqa: E402
+from hh import SHARED, hh_pairs  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time (user + system): on a machine shared with other jobs, a steadier measure of the
+    work done than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_memory() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "GPU allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "RSS"
 
 
 def child(args) -> None:
-    """One training run; prints one JSON line with its timings and peak memory."""
+    """One `sera train` run; prints one JSON line with its timings and peak memory."""
     import torch
 
+    torch.set_num_threads(args.threads)
     from trainers import TrainConfig, train
 
     t0 = time.perf_counter()
     config = TrainConfig((args.data,), args.out, args.model, ref=args.model if args.variant == "live" else None,
                          live_ref=args.variant == "live", lr=args.lr, batch_size=args.batch_size,
                          micro_batch=args.micro_batch, max_length=args.max_length,
-                         max_prompt_length=args.max_prompt_length, max_steps=args.max_steps, warmup_ratio=0.1,
-                         dtype=args.dtype, lora_r=args.lora_r, save_steps=0, seed=args.seed, progress=False)
+                         max_prompt_length=args.max_prompt_length, max_steps=args.max_steps,
+                         warmup_ratio=args.warmup_ratio, dtype=args.dtype, lora_r=args.lora_r, save_steps=0,
+                         seed=args.seed, share_prompts=args.variant != "unshared", progress=False)
     summary = train(config)
     records = [json.loads(x) for x in Path(args.out, "metrics.jsonl").read_text().splitlines()]
-    gpu = torch.cuda.is_available()
-    peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, memory = peak_memory()
     print(json.dumps({"variant": args.variant, "pairs": sum(r["pairs"] for r in records),
                       "loop_s": sum(r["seconds"] for r in records), "total_s": time.perf_counter() - t0,
-                      "peak_mb": peak / 2**20, "memory": "GPU allocated" if gpu else "RSS",
-                      "losses": [r["loss"] for r in records], "accuracy": [r["reward_accuracy"] for r in records],
-                      "ref_source": summary.ref_source}))
+                      "cpu_s": cpu_seconds(), "peak_mb": peak, "memory": memory,
+                      "losses": [r["loss"] for r in records],
+                      "accuracy": [r["reward_accuracy"] for r in records], "ref_source": summary.ref_source}))
+
+
+def trl_child(args) -> None:
+    """TRL's DPOTrainer on the rows of `args.data` (in that order, one epoch); one JSON line like `child`'s."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from sera_cli.models import quiet_transformers, resolve
+
+    quiet_transformers()
+    t0 = time.perf_counter()
+    path = resolve(args.model).path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = pq.read_table(args.data).select(["prompt", "chosen", "rejected"]).to_pylist()
+    config = DPOConfig(output_dir=args.out, precompute_ref_log_probs=True,
+                       precompute_ref_batch_size=args.micro_batch, per_device_train_batch_size=args.micro_batch,
+                       gradient_accumulation_steps=args.batch_size // args.micro_batch, max_length=args.max_length,
+                       learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, beta=0.1,
+                       max_grad_norm=1.0, num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[],
+                       use_cpu=not torch.cuda.is_available(), bf16=args.dtype == "bfloat16", seed=args.seed,
+                       disable_tqdm=True, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(path))
+    if len(trainer.train_dataset) != len(rows):
+        sys.exit(f"TRL kept {len(trainer.train_dataset)} of {len(rows)} pairs")
+    trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)  # sera's order
+    t_loop = time.perf_counter()
+    trainer.train()
+    end = time.perf_counter()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak, memory = peak_memory()
+    print(json.dumps({"variant": "trl", "pairs": len(rows), "loop_s": end - t_loop, "total_s": end - t0,
+                      "cpu_s": cpu_seconds(), "peak_mb": peak, "memory": memory, "losses": losses, "accuracy": [],
+                      "ref_source": "precomputed by TRL"}))
 
 
 def run_child(args, variant: str, data: str, out: str) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--data", data, "--out", out, "--model", args.model,
            "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--micro-batch", str(args.micro_batch),
-           "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
-           "--dtype", args.dtype, "--lora-r", str(args.lora_r), "--seed", str(args.seed)]
+           "--max-length", str(args.max_length), "--dtype", args.dtype, "--lora-r", str(args.lora_r), "--seed", str(args.seed),
+           "--warmup-ratio", str(args.warmup_ratio), "--threads", str(args.threads)]
     if args.max_steps:
         cmd += ["--max-steps", str(args.max_steps)]
+    if args.max_prompt_length is not None:
+        cmd += ["--max-prompt-length", str(args.max_prompt_length)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
@@ -72,62 +140,145 @@ def positive_margins(path: str) -> float:
     return float((pq.read_table(path).column("irm").to_numpy() > 0).mean())
 
 
+def source_rows(args, tmp: str) -> list[dict]:
+    """Candidate pairs: HH-RLHF helpful-base (standard strings, long prompts) or UltraFeedback converted by
+    `sera convert` (conversational, short prompts)."""
+    if args.source == "hh":
+        return hh_pairs(limit=4 * args.pairs)
+    import pyarrow.parquet as pq
+
+    out = os.path.join(tmp, "uf.parquet")
+    subprocess.run([sys.executable, "-m", "sera_cli", "convert", str(SHARED / "ultrafeedback-sample" /
+                    "train_clean.jsonl"), "-o", out], check=True, capture_output=True)
+    return pq.read_table(out).select(["prompt", "chosen", "rejected"]).to_pylist()[:4 * args.pairs]
+
+
+def fitting(rows: list[dict], args) -> list[dict]:
+    """The first `--pairs` rows whose prompt leaves room for a response within --max-length (TRL drops the
+    others; sera would cut their prompts, so the two would train on different tokens)."""
+    from sera_cli.encode import encode
+    from sera_cli.models import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve(args.model))
+    kept = [r for r in rows if len(encode(tok, r["prompt"], [r["chosen"], r["rejected"]]).prompt) < args.max_length]
+    if len(kept) < args.pairs:
+        sys.exit(f"only {len(kept)} pairs have prompts under {args.max_length} tokens")
+    return kept[:args.pairs]
+
+
+def step_order(n: int, args) -> list[int]:
+    """sera's row order for the epoch (its seeded shuffle), which the TRL run follows."""
+    from trainers.data import step_batches
+
+    return [i for batch in step_batches(n, args.batch_size, 1, args.seed, args.max_steps) for i in batch]
+
+
+def cpu_line() -> str:
+    from trainers.precision import BF16_CPU_FLAGS, cpu_flags
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    flags = cpu_flags()
+    shown = sorted(f for f in flags if f in BF16_CPU_FLAGS | {"avx2", "avx512f", "amx_tile", "amx_int8"})
+    return f"{model}, {os.cpu_count()} cores, flags {' '.join(shown) or 'none of interest'}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--source", choices=("hh", "ultrafeedback"), default="hh")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-prompt-length", type=int, default=128)
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="default: none with --baseline trl (TRL 1.16 has none), else 128")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup-ratio", type=float, default=None, help="default: 0 with --baseline trl, else 0.1")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--repeats", type=int, default=1, help="alternate the two runs this many times; keep the best")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the baseline that runs the reference every step")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every run")
+    p.add_argument("--repeats", type=int, default=1, help="alternate the runs this many times; keep the best")
+    p.add_argument("--baseline", choices=("live", "trl", "none"), default="live")
+    p.add_argument("--no-baseline", dest="baseline", action="store_const", const="none", help="--baseline none")
+    p.add_argument("--unshared", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --baseline trl: also run sera with prompts not shared (the exactness check)")
+    p.add_argument("--trl-pairs", action="store_true",
+                   help="the pairs and settings of --baseline trl without running TRL (e.g. a bfloat16 sera run)")
     p.add_argument("--rescore", action="store_true", help="score the training pairs with the trained policy")
-    p.add_argument("--variant", choices=("stored", "live"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=("stored", "live", "unshared", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    trl = args.baseline == "trl"
+    if args.variant == "trl":
+        return trl_child(args)
     if args.variant:
         return child(args)
+    like_trl = trl or args.trl_pairs
+    if args.max_prompt_length is None and not like_trl:
+        args.max_prompt_length = 128
+    if args.warmup_ratio is None:
+        args.warmup_ratio = 0.0 if like_trl else 0.1
+    bench(args, like_trl)
+
+
+def bench(args, like_trl: bool) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sera_cli.score import score
     from sera_cli.score_config import ScoreConfig
 
+    load = os.getloadavg()
     lengths = {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
-    variants = ("live", "stored") if args.baseline else ("stored",)
+    variants = {"live": ("live", "stored"), "trl": ("trl", "stored", "unshared"), "none": ("stored",)}[args.baseline]
+    variants = tuple(v for v in variants if v != "unshared" or args.unshared)
     with tempfile.TemporaryDirectory() as tmp:
+        rows = source_rows(args, tmp)
+        if like_trl:
+            rows = fitting(rows, args)
+        else:
+            rows = rows[:args.pairs]
         pairs, scored = os.path.join(tmp, "pairs.parquet"), os.path.join(tmp, "scored.parquet")
-        pq.write_table(pa.Table.from_pylist(hh_pairs(limit=args.pairs)), pairs)
+        pq.write_table(pa.Table.from_pylist(rows), pairs)
         cache = os.path.join(tmp, "cache")  # policy == reference: the second pass comes from the cache
         t0 = time.perf_counter()
-        score(ScoreConfig((pairs,), scored, args.model, args.model, dtype=args.dtype, progress=False, cache=cache,
+        score(ScoreConfig((pairs,), scored, args.model, args.model, dtype="float32", progress=False, cache=cache,
                           **lengths))
         score_s = time.perf_counter() - t0
+        ordered = os.path.join(tmp, "ordered.parquet")
+        if args.baseline == "trl":  # TRL reads the rows in the order sera's seeded shuffle gives them, one after another
+            pq.write_table(pa.Table.from_pylist([rows[i] for i in step_order(len(rows), args)]), ordered)
         best: dict[str, dict] = {}
         for i in range(args.repeats):
             for variant in variants:
-                r = run_child(args, variant, scored, os.path.join(tmp, f"{variant}-{i}"))
-                if variant not in best or r["loop_s"] < best[variant]["loop_s"]:
+                r = run_child(args, variant, ordered if variant == "trl" else scored,
+                              os.path.join(tmp, f"{variant}-{i}"))
+                print(json.dumps(r), flush=True)  # each run as it ends, so a long benchmark loses nothing
+                if variant not in best or r["total_s"] < best[variant]["total_s"]:
                     best[variant] = r
         if args.rescore:
             rescored = os.path.join(tmp, "rescored.parquet")
-            score(ScoreConfig((pairs,), rescored, os.path.join(tmp, "stored-0"), args.model, dtype=args.dtype,
+            score(ScoreConfig((pairs,), rescored, os.path.join(tmp, "stored-0"), args.model, dtype="float32",
                               progress=False, cache=cache, **lengths))
             before, after = positive_margins(scored), positive_margins(rescored)
+    report(args, best, score_s, load, before if args.rescore else None, after if args.rescore else None)
+
+
+def report(args, best: dict[str, dict], score_s: float, load, before, after) -> None:
     stored = best["stored"]
     n, acc = stored["pairs"], stored["accuracy"]
-    setting = (f"{args.model}, {args.pairs} HH-RLHF helpful-base pairs, max length {args.max_length}/"
-               f"{args.max_prompt_length}, batch {args.batch_size} (micro {args.micro_batch}), lr {args.lr:g}, "
-               f"dtype {args.dtype}, {f'LoRA rank {args.lora_r}' if args.lora_r else 'full fine-tuning'}")
+    source = "HH-RLHF helpful-base" if args.source == "hh" else "UltraFeedback (sera convert)"
+    setting = (f"{args.model}, {args.pairs} {source} pairs, max length {args.max_length}/"
+               f"{args.max_prompt_length or 'none'}, batch {args.batch_size} (micro {args.micro_batch}), lr "
+               f"{args.lr:g}, warmup {args.warmup_ratio:g}, dtype {args.dtype}, "
+               f"{f'LoRA rank {args.lora_r}' if args.lora_r else 'full fine-tuning'}, {args.threads} threads")
     print(f"{setting}; {n} pairs trained; scoring them first took {score_s:.0f} s (work selection needs anyway)")
+    print(f"machine: {cpu_line()}; load average before the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     half = len(acc) // 2
     print(f"training reward accuracy (logged, each batch before its update): first half of the steps "
           f"{sum(acc[:half]) / max(1, half):.3f}, second half {sum(acc[half:]) / max(1, len(acc) - half):.3f}")
@@ -135,21 +286,33 @@ def main() -> None:
         print(f"reward accuracy on the training pairs, scored by 'sera score': {before:.3f} before, "
               f"{after:.3f} after the epoch")
     unit = f"peak {stored['memory']} MiB"
-    print(f"{'':34}{'loop s/pair':>12}{'run s/pair':>12}{unit:>24}")
-    rows = [("sera: stored reference log-probs", stored)]
-    if "live" in best:
-        rows.insert(0, ("baseline: reference every step", best["live"]))
-    for name, r in rows:
-        print(f"{name:34}{r['loop_s'] / n:12.3f}{r['total_s'] / n:12.3f}{r['peak_mb']:24,.0f}")
-    if "live" not in best:
+    print(f"{'':40}{'loop s/pair':>12}{'run s/pair':>12}{'CPU s/pair':>12}{unit:>24}")
+    names = {"live": "baseline: reference every step", "trl": "TRL DPOTrainer (precomputed ref)",
+             "unshared": "sera train, prompts not shared", "stored": "sera train"}
+    for variant in ("live", "trl", "unshared", "stored"):
+        if variant in best:
+            r = best[variant]
+            print(f"{names[variant]:40}{r['loop_s'] / n:12.3f}{r['total_s'] / n:12.3f}"
+                  f"{r.get('cpu_s', float('nan')) / n:12.3f}{r['peak_mb']:24,.0f}")
+    base = best.get("live") or best.get("trl")
+    if base is None:
         return
-    live = best["live"]
-    gap = max(abs(a - b) for a, b in zip(live["losses"], stored["losses"], strict=True))
-    print(f"largest loss difference between the two runs {gap:.1e}")
-    print(f"README: `sera train` with stored reference log-probs: {stored['loop_s'] / n:.3f} s/pair, peak "
-          f"{stored['memory']} {stored['peak_mb']:,.0f} MiB; running the reference every step: "
-          f"{live['loop_s'] / n:.3f} s/pair, {live['peak_mb']:,.0f} MiB ({live['loop_s'] / stored['loop_s']:.2f}x "
-          f"faster, {stored['peak_mb'] / live['peak_mb']:.2f}x the memory; {setting})")
+    shown = [v for v in ("live", "trl", "unshared", "stored") if v in best]
+    short = {"live": "live ref", "trl": "TRL", "unshared": "sera unshared", "stored": "sera"}
+    print("step losses " + "".join(f"{short[v]:>16}" for v in shown))
+    for step in range(min(8, min(len(best[v]["losses"]) for v in shown))):
+        print(f"{step:11d} " + "".join(f"{best[v]['losses'][step]:16.6f}" for v in shown))
+    for v in ("live", "trl", "unshared"):
+        if v in best:
+            gap = max(abs(a - b) for a, b in zip(best[v]["losses"], stored["losses"], strict=False))
+            print(f"largest step-loss difference, sera train against {names[v]}: {gap:.1e}")
+    ratio = base["total_s"] / stored["total_s"]
+    if "cpu_s" in base and "cpu_s" in stored:
+        print(f"ratios: wall {ratio:.2f}x, CPU time {base['cpu_s'] / stored['cpu_s']:.2f}x")
+    print(f"README: `sera train` {stored['total_s'] / n:.3f} s/pair (loading included), peak {stored['memory']} "
+          f"{stored['peak_mb']:,.0f} MiB; {names['trl' if 'trl' in best else 'live']}: {base['total_s'] / n:.3f} "
+          f"s/pair, {base['peak_mb']:,.0f} MiB ({ratio:.2f}x faster, {stored['peak_mb'] / base['peak_mb']:.2f}x the "
+          f"memory; {setting})")
 
 
 if __name__ == "__main__":

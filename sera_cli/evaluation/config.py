@@ -1,0 +1,82 @@
+"""The settings of one `sera eval`, as a typed, frozen config (the CLI fills it; the library reads it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sera_cli.errors import ConfigError
+
+MODES = ("pairwise", "single")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    policies: tuple[str, ...]
+    prompts: str
+    output_dir: str
+    baseline: str | None = None
+    mode: str = "pairwise"
+    turns: str = "first"
+    answers: str | None = None  # precomputed answers: prompt_id, model, response
+    # the judge: a local model, or an OpenAI-compatible endpoint
+    judge: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_concurrency: int = 8
+    judge_retries: int = 4
+    judge_timeout: float = 120.0
+    judge_backoff: float = 1.0  # seconds before the first retry; doubled at each retry
+    judge_max_tokens: int = 512
+    judge_batch_size: int = 16  # local judge: prompts per generate call (and per cache commit)
+    # answer generation (the generate stage's engines)
+    temperature: float = 0.0
+    max_new_tokens: int = 512
+    seed: int = 0
+    engine: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    cache_dir: str | None = None  # answers and judgments cache; default: the output folder
+    bootstrap: int = 1000
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self) -> None:
+        """Every problem with the settings at once, as one ConfigError."""
+        p = []
+        if not self.policies:
+            p.append("give at least one --policy")
+        if self.mode not in MODES:
+            p.append(f"--mode {self.mode}: expected pairwise or single")
+        elif self.mode == "pairwise" and not self.baseline:
+            p.append("--mode pairwise needs --baseline (the model every policy is compared with, e.g. the SFT model)")
+        if self.turns not in ("first", "all"):
+            p.append(f"--turns {self.turns}: expected first or all")
+        if self.judge_url and self.judge:
+            p.append("give either --judge (a local model) or --judge-url with --judge-model, not both")
+        elif self.judge_url and not self.judge_model:
+            p.append("--judge-url needs --judge-model (the model name the endpoint serves)")
+        elif not self.judge_url and not self.judge:
+            p.append("give a judge: --judge MODEL (local) or --judge-url URL --judge-model NAME")
+        if self.judge_model and not self.judge_url:
+            p.append("--judge-model is used only with --judge-url")
+        if self.judge_url and not self.judge_url.startswith(("http://", "https://")):
+            p.append(f"--judge-url {self.judge_url}: expected http://host:port/v1 or https://...")
+        labels = [s.rstrip("/") for s in self.policies] + ([self.baseline.rstrip("/")] if self.baseline else [])
+        if len(set(labels)) != len(labels):
+            p.append("each --policy and the --baseline must be a different model (name)")
+        if self.judge_concurrency < 1 or self.judge_retries < 0 or self.judge_timeout <= 0:
+            p.append("--judge-concurrency must be >= 1, --judge-retries >= 0 and --judge-timeout > 0")
+        if self.judge_max_tokens < 1 or self.max_new_tokens < 1:
+            p.append("--judge-max-tokens and --max-new-tokens must be >= 1")
+        if self.temperature < 0:
+            p.append(f"--temperature must be >= 0 (got {self.temperature})")
+        if self.bootstrap < 0:
+            p.append(f"--bootstrap must be >= 0 (got {self.bootstrap})")
+        if p:
+            raise ConfigError("; ".join(p))

@@ -1,0 +1,75 @@
+"""A local judge: a chat model (HF folder, GGUF, PEFT adapter or `smollm2-135m`) run greedily with transformers.
+
+The judge prompt goes through the model's chat template (a judge needs one: the MT-bench prompts are a system
+and a user message); templates that refuse a system message get it prepended to the user message. Generation
+uses the `generate` stage's transformers engine in greedy mode, batched, and each finished batch is handed back
+at once so the caller can cache it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sera_cli.errors import ModelError
+
+
+class LocalJudge:
+    kind = "local"
+
+    def __init__(self, spec: str, *, max_tokens: int, batch_size: int = 16, dtype: str = "auto",
+                 device: str = "auto", trust_remote_code: bool = False):
+        from sera_cli.models import resolve
+
+        self.ref = resolve(spec)
+        self.spec, self.max_tokens, self.batch_size = spec, max_tokens, batch_size
+        self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
+        self.name = spec
+        self._engine = self._tok = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.spec, "fingerprint": self.ref.fingerprint,
+                "max_tokens": self.max_tokens, "decoding": "greedy"}
+
+    def _load(self) -> None:
+        from sera_cli.generation.engine_hf import HFEngine
+        from sera_cli.generation.prompts import model_context, stop_ids
+        from sera_cli.models import load_tokenizer
+
+        tok = load_tokenizer(self.ref, self.trust_remote_code)
+        if not tok.chat_template:
+            raise ModelError(f"judge {self.spec}: its tokenizer has no chat template; a judge must be a chat "
+                             "(instruct) model, or serve one behind --judge-url")
+        self._tok, self.stops = tok, stop_ids(self.ref.path, tok, chat=True)
+        self.context = model_context(self.ref.path, self.trust_remote_code)
+        self._engine = HFEngine(self.ref, tok, dtype=self.dtype, device=self.device, batch_size=self.batch_size,
+                                temperature=0.0, top_p=1.0, max_new_tokens=self.max_tokens, stop_ids=self.stops,
+                                trust_remote_code=self.trust_remote_code)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self._tok
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that rejects the system role: fold it into the user turn
+            merged = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+            text = tok.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if self.context and len(ids) + self.max_tokens > self.context:
+            raise ModelError(f"judge {self.spec}: a judge prompt has {len(ids):,} tokens; with --judge-max-tokens "
+                             f"{self.max_tokens} that exceeds its context of {self.context:,} (lower "
+                             "--judge-max-tokens or --max-new-tokens)")
+        return ids
+
+    def run(self, jobs: Sequence[list[dict[str, str]]], on_result: Callable[[int, str], None]) -> None:
+        """Judge every job (a list of chat messages); `on_result(i, text)` after each batch's judgments."""
+        from sera_cli.generation.sampling import Request, trim
+
+        if self._engine is None:
+            self._load()
+        for start in range(0, len(jobs), self.batch_size):
+            idx = range(start, min(start + self.batch_size, len(jobs)))
+            reqs = [Request(self.prompt_ids(jobs[i]), 1, 0) for i in idx]
+            out = self._engine.generate(reqs)
+            for i, samples in zip(idx, out, strict=True):
+                ids, _ = trim(samples[0], self.stops, self.max_tokens)
+                on_result(i, self._tok.decode(ids, skip_special_tokens=True))

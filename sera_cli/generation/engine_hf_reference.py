@@ -1,0 +1,72 @@
+"""The transformers engine as it was before prefix sharing: kept as the baseline of `tests/bench/generate.py` and
+of the test that the faster engine (`sera_cli.generation.engine_hf`) samples the very same tokens.
+
+Each sequence is its own row of a batched `model.generate` (so a prompt is prefilled once per sample), left
+padded, rows sorted by prompt length; `SeededNucleus` draws each row's token and hands `generate` scores whose
+argmax is that token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from sera_cli.generation.engine_hf import HFEngine, nucleus_sample, seeded_noise
+from sera_cli.generation.sampling import Request, row_seed
+
+
+class SeededNucleus(LogitsProcessor):
+    """Logits processor: sample each row with its own noise; return scores whose argmax is the sample."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.seeds = list(seeds)
+        self.temperature, self.top_p, self.step = temperature, top_p, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens = nucleus_sample(scores, seeded_noise(self.seeds, self.step), self.temperature, self.top_p)
+        self.step += 1
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+
+class ReferenceHFEngine(HFEngine):
+    """Generate with a transformers causal LM, one `model.generate` row per sample (loading as `HFEngine`)."""
+
+    name = "hf-reference"
+
+    def generate(self, requests: Sequence[Request], on_batch: Callable[[list[list[int]]], None] | None = None
+                 ) -> list[list[list[int]]]:
+        """Generated token ids for each request's samples (padding after a stop token is left to the caller)."""
+        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.count)]
+        rows.sort(key=lambda ij: (-len(requests[ij[0]].prompt_ids), ij))
+        out: list[list[list[int]]] = [[[] for _ in range(r.count)] for r in requests]
+        for b in range(0, len(rows), self.batch_size):
+            batch = rows[b:b + self.batch_size]
+            prompts = [requests[i].prompt_ids for i, _ in batch]
+            seeds = [row_seed(requests[i].seed, j) for i, j in batch]
+            generated = self._batch(prompts, seeds)
+            for (i, j), ids in zip(batch, generated, strict=True):
+                out[i][j] = ids
+            if on_batch:
+                on_batch(generated)
+        return out
+
+    def _batch(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        return generate_rows(self.model, self.pad_id, prompts, seeds, self.temperature, self.top_p)
+
+
+def generate_rows(model, pad_id: int, prompts: list[list[int]], seeds: list[int], temperature: float,
+                  top_p: float) -> list[list[int]]:
+    """One batched `model.generate` call, row k continuing prompts[k] with seed seeds[k]."""
+    from transformers import LogitsProcessorList
+
+    from sera_cli.generation.engine_hf import left_pad
+
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    sampler = SeededNucleus(seeds, temperature, top_p)
+    with torch.inference_mode():
+        seqs = model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([sampler]))
+    return seqs[:, ids.shape[1]:].tolist()

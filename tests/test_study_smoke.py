@@ -1,0 +1,101 @@
+"""The study script (tests/bench/study.py) at its smoke scale: every method on a tiny random Llama, so the
+script cannot rot. Checks the shared iteration 1, the cross-fitted folds, the held-out numbers against the
+workdirs' files, and that a rerun does no work."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import SHARED
+
+STUDY = Path(__file__).parent / "bench" / "study.py"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (SHARED / "ultrafeedback-sample").exists(), reason="no shared data")]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    mod.SHARED = SHARED
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_policy):
+    study = _study()
+    out = tmp_path_factory.mktemp("study")
+    study.run_study(study.SCALES["smoke"], out, tiny_policy)
+    return study, out, tiny_policy
+
+
+def _ids(path: Path) -> set[str]:
+    return set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+
+
+def test_every_method_ran_and_iteration_1_is_shared(smoke):
+    study, out, _ = smoke
+    group = out / "uf-flip20"
+    train = pq.read_table(out / "data" / "uf-24-flip20.parquet")
+    assert train.num_rows == 24 and sum(train.column("flipped").to_pylist()) == 5  # round(0.2 * 24)
+    assert pq.read_metadata(out / "data" / "uf-heldout-12.parquet").num_rows == 12
+    from sera_cli.pipeline.stages import content_hash
+
+    pi1 = content_hash(group / "dpo" / "iter-1" / "model")
+    for m in study.ITER1_SHARED:
+        ledger = json.loads((group / m / "run.json").read_text())
+        first = {e["stage"]: e["action"] for e in ledger["log"] if e["invocation"] == 1}
+        assert first["iter-1/train"] == "skipped", m  # copied from the dpo run, not retrained
+        assert content_hash(group / m / "iter-1" / "model") == pi1
+        assert (group / m / "iter-2" / "model").exists() and (group / m / "iter-2" / "heldout_scored.parquet").exists()
+    for m in ("cdpo", "rdpo"):
+        assert json.loads((group / m / "run.json").read_text())["config"]["loss"] == m
+        assert content_hash(group / m / "iter-1" / "model") != pi1
+
+
+def test_cross_fitted_folds_score_rows_their_model_never_saw(smoke):
+    _, out, _ = smoke
+    wd = out / "uf-flip20" / "sera-select-xfit"
+    train = _ids(wd / "train.parquet")
+    folds = [_ids(wd / "iter-2" / f"xfit-{k}" / "fold.parquet") for k in range(2)]
+    assert folds[0] | folds[1] == train and not folds[0] & folds[1]
+    for k in range(2):
+        assert _ids(wd / "iter-2" / f"xfit-{k}" / "train.parquet") == train - folds[k]
+    scored = pq.read_table(wd / "iter-2" / "scored.parquet")
+    assert scored.column("id").to_pylist() == pq.read_table(wd / "train.parquet").column("id").to_pylist()
+    # each row's IRM is its fold's score, not the in-sample one
+    fold0 = pq.read_table(wd / "iter-2" / "xfit-0" / "scored.parquet").to_pydict()
+    irm = dict(zip(scored.column("id").to_pylist(), scored.column("irm").to_pylist(), strict=True))
+    assert all(irm[i] == v for i, v in zip(fold0["id"], fold0["irm"], strict=True))
+    insample = pq.read_table(out / "uf-flip20" / "sera-select" / "iter-2" / "scored.parquet").to_pydict()
+    assert not np.allclose(insample["irm"], scored.column("irm").to_pylist())
+
+
+def test_tables_match_the_workdirs(smoke):
+    study, out, _ = smoke
+    text = (out / "tables.md").read_text()
+    for m in study.METHODS:
+        assert f"| {m} | 1 |" in text
+    held = pq.read_table(out / "uf-flip20" / "sera" / "iter-2" / "heldout_scored.parquet").to_pydict()
+    acc = float(np.mean(np.asarray(held["irm"]) > 0))
+    row = next(line for line in text.splitlines() if line.startswith("| sera | 2 |"))
+    assert f"{acc:.1%} [" in row
+    lo, hi = study.bootstrap_ci((np.asarray(held["irm"]) > 0).astype(float))
+    assert lo <= acc <= hi
+
+
+def test_rerun_does_no_work(smoke):
+    study, out, policy = smoke
+    study.run_study(study.SCALES["smoke"], out, policy)
+    for wd in (out / "uf-flip20").iterdir():
+        ledger = json.loads((wd / "run.json").read_text())
+        last = max(e["invocation"] for e in ledger["log"])
+        assert {e["action"] for e in ledger["log"] if e["invocation"] == last} == {"skipped"}, wd.name
