@@ -1,34 +1,5 @@
-"""Domain errors. Library code raises these; the CLI edge prints them as one line and exits non-zero."""
+"""Domain errors: the trainer library's (`trainers.errors`), which the CLI edge (`app.py`) prints as one line."""
 
-from __future__ import annotations
+from trainers.errors import ConfigError, InputError, ModelError, SeraError
 
-
-class SeraError(Exception):
-    """An expected failure the user can fix. `str(err)` is the one line the user sees."""
-
-    exit_code = 1
-
-
-class InputError(SeraError):
-    """Bad input data, located by file, row (0-based, as in the file) and column."""
-
-    def __init__(self, file: str, problem: str, *, row: int | None = None, column: str | None = None,
-                 hint: str | None = None):
-        self.file, self.row, self.column, self.problem, self.hint = file, row, column, problem, hint
-        where = file
-        if row is not None:
-            where += f", row {row}"
-        if column is not None:
-            where += f", column '{column}'"
-        msg = f"{where}: {problem}"
-        if hint:
-            msg += f" ({hint})"
-        super().__init__(msg)
-
-
-class ModelError(SeraError):
-    """A model or tokenizer cannot be found, loaded, or does not fit its role."""
-
-
-class ConfigError(SeraError):
-    """Options that contradict each other or are out of range."""
+__all__ = ["ConfigError", "InputError", "ModelError", "SeraError"]

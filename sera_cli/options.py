@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-MAX_LENGTH = 1024
-MAX_PROMPT_LENGTH = 512
+from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH  # noqa: F401  (the length options' defaults)
 
 InputsArg = Annotated[list[str], typer.Argument(
     help="Parquet file(s) or globs; '-' reads Parquet from stdin.", show_default=False)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from sera_cli.options import MAX_LENGTH, MAX_PROMPT_LENGTH
+from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
 
 
 @dataclass(frozen=True)

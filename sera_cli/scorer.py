@@ -1,6 +1,6 @@
 """Batched log-probs of many sequences with one model: length-sorted, token-budgeted batches, no gradient.
 
-Every number comes from `sera_cli.logps`, the functions the trainer also uses: `sequence_logps` over whole
+Every number comes from `trainers.logps`, the functions the trainer also uses: `sequence_logps` over whole
 sequences, or its vocabulary projection `projected_logps` after a shared prompt's keys and values.
 """
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from sera_cli.encode import Encoded, encode
+from trainers.encode import Encoded, encode
 
 
 def encode_rows(tok, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], max_length: int | None,
                 max_prompt_length: int | None) -> list[Encoded]:
-    """Encode each prompt with its responses (TRL conventions, see `sera_cli.encode`)."""
+    """Encode each prompt with its responses (TRL conventions, see `trainers.encode`)."""
     return [encode(tok, p, rs, max_length, max_prompt_length) for p, rs in zip(prompts, responses, strict=True)]
 
 
@@ -29,7 +29,7 @@ def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: i
     """Summed response log-probs and response token counts of (ids, prompt_len) sequences, in input order.
 
     Each distinct prompt runs once and its responses are scored from its keys and values
-    (`sera_cli.prefix_sharing`: a pair's chosen and rejected, a prompt's candidates); prompts and responses are
+    (`trainers.prefix_sharing`: a pair's chosen and rejected, a prompt's candidates); prompts and responses are
     batched apart, each by its own length. Sequences without a prompt, models whose logits are not a plain
     projection, and `share_prompts=False` run as whole sequences in length-sorted padded batches.
     `on_batch(n_sequences, n_tokens)` is called after each batch with the sequences' full token counts (for
@@ -37,9 +37,9 @@ def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: i
     """
     import torch
 
-    from sera_cli.batching import length_batches
-    from sera_cli.logps import collate, sequence_logps
-    from sera_cli.prefix_sharing import can_share, shared_logps
+    from trainers.batching import length_batches
+    from trainers.logps import collate, sequence_logps
+    from trainers.prefix_sharing import can_share, shared_logps
 
     logp = np.zeros(len(sequences), dtype=np.float64)
     ntok = np.zeros(len(sequences), dtype=np.int64)

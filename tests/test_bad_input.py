@@ -601,8 +601,8 @@ def test_no_progress_bar_when_not_a_tty(models, tmp_path, zygote):
 def test_train_ref_compares_resolved_dtype(models, scored_runs, tmp_path):
     """Scores made with --dtype auto on CPU are float32: `train --dtype float32 --ref` takes them as they are."""
     from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.train_data import plan_reference, read_pairs
     from trainers import TrainConfig
-    from trainers.data import plan_reference, read_pairs
 
     config = TrainConfig(inputs=(scored_runs["ref-a"],), output=str(tmp_path / "out"), policy=models["policy"],
                          ref=models["ref"], dtype="float32", device="cpu", max_length=64, max_prompt_length=32)

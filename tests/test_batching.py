@@ -1,6 +1,6 @@
 """Which sequences run together: token budgets, the gathered-keys cap, prompt windows."""
 
-from sera_cli.batching import length_batches, windows
+from trainers.batching import length_batches, windows
 
 
 def test_length_batches_sort_longest_first_within_the_padded_budget():

@@ -256,9 +256,9 @@ def test_resume_keeps_finished_chunks(full_run, tiny_policy, tmp_path, monkeypat
 
 
 def test_conversational_prompts_use_the_chat_template(tmp_path, tiny_policy, chat_pairs_file):
-    from sera_cli.encode import encode
     from sera_cli.generation.prompts import prompt_tokens
     from sera_cli.models import load_tokenizer, resolve
+    from trainers.encode import encode
 
     out = tmp_path / "chat.parquet"
     r = sera(*gen_args(chat_pairs_file, tiny_policy, out, "--n", "2"))

@@ -63,3 +63,19 @@ def test_each_light_command_help_has_an_example():
     for command in ("convert", "select", "mix", "sql", "inspect"):
         r = CliRunner().invoke(app, [command, "--help"])
         assert r.exit_code == 0 and f"Example: sera {command} " in r.stdout, command
+
+
+def test_the_trainer_never_imports_the_cli():
+    """`trainers/` is a leaf library: none of its modules imports `sera_cli` (checked on the source, so a lazy
+    import inside a function counts too)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "trainers"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "sera_cli"]
+    assert found == []

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import STANDARD_ROWS, conversational_table, standard_table
 
-from sera_cli.encode import encode, truncate
-from sera_cli.logps import collate, sequence_logps, sum_by_row
 from sera_cli.models import load_model, load_tokenizer, resolve
 from sera_cli.score import score
 from sera_cli.score_config import ScoreConfig
+from trainers.encode import encode, truncate
+from trainers.logps import collate, sequence_logps, sum_by_row
 
 
 def naive_logp(model, tok, prompt, response) -> tuple[float, int]:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sera_cli.errors import ModelError
-from sera_cli.logps import collate, sequence_logps
 from sera_cli.models import default_gguf, load_model, load_tokenizer, resolve
+from trainers.logps import collate, sequence_logps
 
 
 def test_peft_adapter_folder_scores_like_its_merged_model(tmp_path, tiny_policy):

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from sera_cli.app import app
 from sera_cli.score import score
 from sera_cli.score_config import ScoreConfig
-from trainers import TrainConfig, train
-from trainers.data import local_micro_batches, step_batches
+from sera_cli.train_stage import train
+from trainers import TrainConfig
+from trainers.batch_order import local_micro_batches, step_batches
 from trainers.loop import lr_factor
 
 runner = CliRunner()

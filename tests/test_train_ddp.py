@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import standard_table
 
-from trainers import TrainConfig, train
+from sera_cli.train_stage import train
+from trainers import TrainConfig
 
 
 def records(folder) -> list[dict]:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import STANDARD_ROWS, conversational_table, standard_table
 
-from sera_cli.encode import encode
 from sera_cli.models import load_model, load_tokenizer, resolve
-from trainers import TrainConfig, train
-from trainers.batch_order import longest_first_steps, pair_cost
-from trainers.data import step_batches
+from sera_cli.train_stage import train
+from trainers import TrainConfig
+from trainers.batch_order import longest_first_steps, pair_cost, step_batches
+from trainers.encode import encode
 from trainers.forward import PairLogps, shares_prompts
 from trainers.losses import dpo_loss
 from trainers.precision import compute_dtype, cpu_flags

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import conversational_table, standard_table
 
-from sera_cli.encode import encode
 from sera_cli.models import load_tokenizer, resolve
 from sera_cli.score import score
 from sera_cli.score_config import ScoreConfig
+from trainers.encode import encode
 
 trl = pytest.importorskip("trl", reason="TRL parity needs `pip install trl==1.16.0` (the parity extra)")
 

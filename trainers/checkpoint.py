@@ -13,40 +13,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sera_cli.errors import ConfigError, InputError
-from sera_cli.hashing import digest
-from sera_cli.io import refuse_overwrite
-from trainers.config import TrainConfig
-
-# Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
-_NOT_IN_KEY = ("output", "resume", "overwrite", "progress", "save_steps", "ref_batch_tokens")
+from trainers.errors import ConfigError, InputError
 
 
 def partial_dir(output: str | os.PathLike) -> Path:
     out = Path(output)
     return out.with_name(out.name + ".partial")
-
-
-def check_output(config: TrainConfig) -> Path:
-    """Fail before any work when the output folder cannot be made; return the partial folder."""
-    out = Path(config.output)
-    for folder in (out, partial_dir(out)):  # both are replaced as a whole
-        refuse_overwrite(folder, (*config.inputs, config.policy, config.ref), folder=True)
-    if out.exists() and not config.overwrite:
-        raise InputError(config.output, "already exists", hint="choose another --output or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InputError(config.output, "is a file; the output is a model folder")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(config.output, f"cannot be written: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(config.output, f"cannot be written: no permission on {parent}")
-    partial = partial_dir(out)
-    if config.resume and not latest_checkpoint(partial):
-        raise ConfigError(f"--resume: no checkpoint in {partial} (the run saves one every --save-steps steps)")
-    return partial
 
 
 def latest_checkpoint(partial: Path) -> Path | None:
@@ -73,12 +45,6 @@ def prepare_partial(partial: Path, resume: bool) -> None:
         raise InputError(str(partial), f"cannot be created: {err.strerror}") from None
 
 
-def run_key(config: TrainConfig, ids: list[str]) -> str:
-    """What a checkpoint must agree on to be resumed: the settings that shape the numbers and the data."""
-    settings = {k: v for k, v in config.as_dict().items() if k not in _NOT_IN_KEY}
-    return digest({"config": settings, "rows": digest(ids)})
-
-
 def save(accelerator, partial: Path, step: int, key: str) -> None:
     """Write a checkpoint beside the old one and swap it in, so a crash mid-save keeps the old one."""
     tmp, final, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
@@ -94,6 +60,11 @@ def save(accelerator, partial: Path, step: int, key: str) -> None:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def saved_step(partial: Path) -> int:
+    """The step the checkpoint in `partial` continues from (the key is checked by `restore`)."""
+    return int(json.loads((partial / "checkpoint" / "state.json").read_text())["step"])
 
 
 def restore(accelerator, partial: Path, key: str) -> int:

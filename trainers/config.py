@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from sera_cli.errors import ConfigError
-from sera_cli.options import MAX_LENGTH, MAX_PROMPT_LENGTH
+from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
+from trainers.errors import ConfigError
 from trainers.losses import LOSSES, LossSpec
 
 SCHEDULES = ("linear", "cosine", "constant")

@@ -1,10 +1,10 @@
 """The policy's log-probs of a micro-batch of pairs: the one module whose forward DDP/FSDP and autocast wrap.
 
 A pair's chosen and rejected responses share the prompt, so the prompt runs once: its keys and values feed both
-continuations and gradients flow back through them (`sera_cli.prefix_sharing.batch_shared_logps`, the
+continuations and gradients flow back through them (`trainers.prefix_sharing.batch_shared_logps`, the
 function `score` uses, under autograd). The vocabulary projection runs at response positions only. Models
 whose cache does not fit that path (`can_share`), gradient checkpointing (which turns the cache off) and
-prompts that tokenize to nothing run each pair as two whole sequences (`sera_cli.logps.sequence_logps`);
+prompts that tokenize to nothing run each pair as two whole sequences (`trainers.logps.sequence_logps`);
 both paths give the same numbers within float32 rounding (tests/test_train.py).
 """
 
@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from sera_cli.encode import Encoded
+from trainers.encode import Encoded
 
 
 def shares_prompts(model) -> bool:
     """Whether the prompt-sharing forward applies to this (possibly PEFT-wrapped) model."""
-    from sera_cli.prefix_sharing import can_share
+    from trainers.prefix_sharing import can_share
 
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     return can_share(model) and not checkpointing
@@ -35,8 +35,8 @@ class PairLogps(torch.nn.Module):
         self.share = share_prompts and shares_prompts(model)
 
     def forward(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        from sera_cli.logps import collate, sequence_logps
-        from sera_cli.prefix_sharing import batch_shared_logps
+        from trainers.logps import collate, sequence_logps
+        from trainers.prefix_sharing import batch_shared_logps
 
         responses = [e.responses[0] for e in encoded] + [e.responses[1] for e in encoded]
         if self.share and all(e.prompt for e in encoded):

@@ -62,7 +62,8 @@ def train_command(
     Example: sera train scored.parquet --policy smollm2-135m --ref smollm2-135m --lr 1e-6 -o pi1/
     """
     from sera_cli.console import console
-    from trainers import TrainConfig, train
+    from sera_cli.train_stage import train
+    from trainers import TrainConfig
 
     config = TrainConfig(
         inputs=tuple(inputs), output=output, policy=policy, ref=ref, loss=loss, beta=beta, delta=delta,

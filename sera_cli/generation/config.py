@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from sera_cli.errors import ConfigError
-from sera_cli.options import MAX_LENGTH, MAX_PROMPT_LENGTH
+from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
 
 ENGINES = ("auto", "hf", "vllm")
 

@@ -107,7 +107,7 @@ def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int, o
                              "ref_batch_tokens", "trust_remote_code")}
 
     def run() -> dict:
-        from trainers.loop import train
+        from sera_cli.train_stage import train
 
         s = train(tc)
         return {"steps": s.steps, "pairs": s.pairs, "ref_source": s.ref_source, "first_loss": s.first["loss"],

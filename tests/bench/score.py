@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from hh import hh_pairs  # noqa: E402
 
-from sera_cli.encode import encode  # noqa: E402
 from sera_cli.models import load_model, load_tokenizer, resolve  # noqa: E402
 from sera_cli.score import score  # noqa: E402
 from sera_cli.score_config import ScoreConfig  # noqa: E402
+from trainers.encode import encode  # noqa: E402
 
 
 def encode_pairs(tok, rows) -> list:
@@ -43,7 +43,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] as TRL's `selective_log_softmax` computes it for float32: the target's logit
     minus the logsumexp of the row (torch's float32 `log_softmax` on CPU is off by about 7e-6 of the value,
     always upwards, which over a 500-nat response is 3.5e-3). Written out here rather than imported from
-    `sera_cli.logps`, so that the baseline and the float64 ground truth stay independent of sera's code."""
+    `trainers.logps`, so that the baseline and the float64 ground truth stay independent of sera's code."""
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

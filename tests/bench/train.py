@@ -60,7 +60,8 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from trainers import TrainConfig, train
+    from sera_cli.train_stage import train
+    from trainers import TrainConfig
 
     t0 = time.perf_counter()
     config = TrainConfig((args.data,), args.out, args.model, ref=args.model if args.variant == "live" else None,
@@ -156,8 +157,8 @@ def source_rows(args, tmp: str) -> list[dict]:
 def fitting(rows: list[dict], args) -> list[dict]:
     """The first `--pairs` rows whose prompt leaves room for a response within --max-length (TRL drops the
     others; sera would cut their prompts, so the two would train on different tokens)."""
-    from sera_cli.encode import encode
     from sera_cli.models import load_tokenizer, resolve
+    from trainers.encode import encode
 
     tok = load_tokenizer(resolve(args.model))
     kept = [r for r in rows if len(encode(tok, r["prompt"], [r["chosen"], r["rejected"]]).prompt) < args.max_length]
@@ -168,7 +169,7 @@ def fitting(rows: list[dict], args) -> list[dict]:
 
 def step_order(n: int, args) -> list[int]:
     """sera's row order for the epoch (its seeded shuffle), which the TRL run follows."""
-    from trainers.data import step_batches
+    from trainers.batch_order import step_batches
 
     return [i for batch in step_batches(n, args.batch_size, 1, args.seed, args.max_steps) for i in batch]
 

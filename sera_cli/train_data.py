@@ -1,4 +1,4 @@
-"""What the training loop eats: tokenized pairs, the reference log-probs and the order of the batches.
+"""What `sera train` feeds the trainer: the pairs read, checked and tokenized, and the reference log-probs.
 
 Reference log-probs come, in order of preference, from the input (columns `logp_ref_chosen` and
 `logp_ref_rejected` written by `sera score`, when their provenance names the same model and settings as
@@ -17,11 +17,11 @@ import numpy as np
 
 from sera_cli import lineage
 from sera_cli.contract import check_pairs, with_ids
-from sera_cli.encode import Encoded
 from sera_cli.errors import InputError
 from sera_cli.hashing import digest
 from sera_cli.io import Inputs, read_inputs
 from trainers.config import TrainConfig
+from trainers.encode import Encoded
 
 REF_COLUMNS = ("logp_ref_chosen", "logp_ref_rejected")
 _KEYS = ("fingerprint", "chat_template", "eos", "max_length", "max_prompt_length", "dtype")  # of a log-prob identity
@@ -199,49 +199,6 @@ def compute_reference(plan: RefPlan, pairs: Pairs, rows: np.ndarray, config: Tra
     return RefPlan(source, chosen, rejected, plan.identity, plan.model)
 
 
-# ---- the order of the batches ------------------------------------------------------------------------
-
-
-def step_batches(n: int, batch_size: int, epochs: int, seed: int, max_steps: int | None = None) -> list[list[int]]:
-    """Row indices of every optimizer step: each epoch a fresh permutation (seeded by seed and epoch), cut into
-    batches of `batch_size` (the last one of an epoch may be smaller). Depends on nothing but its arguments,
-    so a resumed run knows its data position from the step number alone."""
-    steps = []
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-        steps += [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    return steps[:max_steps] if max_steps else steps
-
-
-def local_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[tuple[list[int], float]]:
-    """This process's share of one step, as (rows, weight) micro-batches.
-
-    The step's rows are split into `world` near-equal contiguous parts, each cut into micro-batches of at most
-    `micro` rows. Every process gets the same number of micro-batches (collective ops need it): one with no
-    rows left repeats the step's first row with weight 0.
-    """
-    parts = np.array_split(np.array(batch, dtype=np.int64), world)
-    count = max(1, -(-len(parts[0]) // micro))
-    mine = parts[rank].tolist()
-    out = [(mine[i * micro:(i + 1) * micro], 1.0) for i in range(count)]
-    return [(rows, w) if rows else ([batch[0]], 0.0) for rows, w in out]
-
-
-def collate_pairs(pairs: Pairs, rows: list[int], pad_id: int) -> dict[str, Any]:
-    """One forward batch: the rows' chosen sequences, then their rejected ones (right-padded)."""
-    from sera_cli.logps import collate
-
-    enc = [pairs.encoded[i] for i in rows]
-    return collate([(e.sequence(0), len(e.prompt)) for e in enc] + [(e.sequence(1), len(e.prompt)) for e in enc],
-                   pad_id)
-
-
-def needed_rows(steps: list[list[int]], rank: int, world: int, micro: int) -> np.ndarray:
-    """Every row this process runs (weight-0 fillers included), to compute only its share of reference log-probs."""
-    rows = {r for batch in steps for part, _ in local_micro_batches(batch, rank, world, micro) for r in part}
-    return np.array(sorted(rows), dtype=np.int64)
-
-
 def ref_source(plan: RefPlan, config: TrainConfig, device):
     """A function (rows, batch) -> (reference log-probs of the chosen [B], of the rejected [B]) on `device`:
     a table lookup, the reference model run on the batch ('live', the baseline), or zeros (reference-free)."""
@@ -250,8 +207,8 @@ def ref_source(plan: RefPlan, config: TrainConfig, device):
     if plan.source == "none":
         return lambda rows, batch: (torch.zeros(len(rows), device=device),) * 2
     if plan.source == "live":
-        from sera_cli.logps import sequence_logps
         from sera_cli.models import load_model
+        from trainers.logps import sequence_logps
 
         model = load_model(plan.model, config.dtype, str(device), config.trust_remote_code)
 

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The default cut-offs (TRL's DPOConfig defaults), shared by score, generate and train.
+MAX_LENGTH = 1024
+MAX_PROMPT_LENGTH = 512
+
 
 @dataclass(frozen=True)
 class Encoded:

@@ -21,8 +21,8 @@ from functools import cache as memoize
 
 import torch
 
-from sera_cli.batching import length_batches, windows
-from sera_cli.logps import _head, projected_logps, sum_by_row, sum_dtype
+from trainers.batching import length_batches, windows
+from trainers.logps import _head, projected_logps, sum_by_row, sum_dtype
 
 KV_TOKENS_PER_BATCH_TOKEN = 8  # a response batch's gathered prompt keys: at most this many x its token budget
 ONE_BATCH = 1 << 60  # a token budget no training micro-batch reaches

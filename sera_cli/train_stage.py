@@ -1,0 +1,204 @@
+"""`sera train`: read and check the pairs, plan the reference, load the policy, run the trainer's loop
+(`trainers.loop.fit`), and write the model folder with its provenance.
+
+Everything that knows about files, provenance, model specs and the console is here; the loop itself, its
+losses and its checkpoints are the `trainers` library, which never imports `sera_cli`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sera_cli.errors import ConfigError, InputError
+from sera_cli.hashing import digest
+from sera_cli.io import refuse_overwrite
+from sera_cli.train_data import compute_reference, plan_reference, read_pairs, ref_source
+from trainers import checkpoint
+from trainers.batch_order import longest_first_steps, needed_rows, step_batches
+from trainers.config import TrainConfig, validate
+from trainers.precision import compute_dtype
+
+# Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
+_NOT_IN_KEY = ("output", "resume", "overwrite", "progress", "save_steps", "ref_batch_tokens")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    pairs: int
+    first: dict[str, Any]
+    last: dict[str, Any]
+    ref_source: str
+    seconds: float
+    output: str
+
+    def line(self) -> str:
+        ref = {"input": "reused from the input", "computed": "computed once", "input+computed":
+               "reused, missing rows computed", "none": "not needed", "live": "run every step"}[self.ref_source]
+        return (f"trained {self.steps:,} steps on {self.pairs:,} pairs in {self.seconds:,.0f} s (reference "
+                f"log-probs {ref}): loss {self.first['loss']:.4f} -> {self.last['loss']:.4f}, reward accuracy "
+                f"{self.first['reward_accuracy']:.2f} -> {self.last['reward_accuracy']:.2f} -> {self.output}")
+
+
+def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
+    """Train the policy on the pairs as `config` says and write the model folder; `on_step` sees each record."""
+    from trainers.loop import fit
+
+    t0 = time.perf_counter()
+    validate(config)
+    partial = check_output(config)
+    acc = make_accelerator(config)
+    tok, pairs, steps, refs, plan = prepare_data(config, acc)
+    model = load_policy(config, acc)  # before the partial folder: a model that fails to load leaves nothing
+    if acc.is_main_process:
+        checkpoint.prepare_partial(partial, config.resume)
+    acc.wait_for_everyone()
+    start = checkpoint.saved_step(partial) if config.resume else 0
+    with progress_bar(config.progress and acc.is_main_process, len(steps), start) as show:
+        def step_done(record: dict[str, Any]) -> None:
+            show(record)
+            if on_step:
+                on_step(record)
+
+        net, log = fit(config, acc, model, tok.pad_token_id, pairs.encoded, steps, refs, partial,
+                       run_key(config, pairs.ids), live_ref=plan.source == "live", on_step=step_done)
+    sera = provenance_of(config, pairs, plan, log.records, acc.mixed_precision)
+    checkpoint.save_model(acc, net, tok, partial / "model", not config.save_adapter, sera, log.path)
+    if acc.is_main_process:
+        checkpoint.publish(partial, partial / "model", config.output)
+    acc.wait_for_everyone()
+    return TrainSummary(len(steps), len(pairs), log.records[0], log.records[-1], plan.source,
+                        time.perf_counter() - t0, config.output)
+
+
+def check_output(config: TrainConfig) -> Path:
+    """Fail before any work when the output folder cannot be made; return the partial folder."""
+    out = Path(config.output)
+    for folder in (out, checkpoint.partial_dir(out)):  # both are replaced as a whole
+        refuse_overwrite(folder, (*config.inputs, config.policy, config.ref), folder=True)
+    if out.exists() and not config.overwrite:
+        raise InputError(config.output, "already exists", hint="choose another --output or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InputError(config.output, "is a file; the output is a model folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(config.output, f"cannot be written: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(config.output, f"cannot be written: no permission on {parent}")
+    partial = checkpoint.partial_dir(out)
+    if config.resume and not checkpoint.latest_checkpoint(partial):
+        raise ConfigError(f"--resume: no checkpoint in {partial} (the run saves one every --save-steps steps)")
+    return partial
+
+
+def run_key(config: TrainConfig, ids: list[str]) -> str:
+    """What a checkpoint must agree on to be resumed: the settings that shape the numbers and the data."""
+    settings = {k: v for k, v in config.as_dict().items() if k not in _NOT_IN_KEY}
+    return digest({"config": settings, "rows": digest(ids)})
+
+
+def make_accelerator(config: TrainConfig):
+    """accelerate's Accelerator. The weights being trained stay float32; --dtype bfloat16 or float16 (and auto
+    where the CPU or GPU does bfloat16 natively, `trainers.precision`) runs the forward and backward under
+    autocast. --dtype decides, not an accelerate config."""
+    from accelerate import Accelerator
+
+    from sera_cli.models import resolve_device
+
+    device = resolve_device(config.device)
+    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[compute_dtype(config.dtype, device)]
+    try:
+        return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    except ValueError:  # another library in this process (a transformers Trainer) fixed accelerate's state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+
+
+def prepare_data(config: TrainConfig, acc):
+    """Tokenizer, encoded pairs, the batch order, and the reference log-probs this process needs."""
+    import numpy as np
+    from accelerate.utils import set_seed
+
+    from sera_cli.models import load_tokenizer, resolve
+
+    set_seed(config.seed)
+    tok = load_tokenizer(resolve(config.policy), config.trust_remote_code)
+    pairs = read_pairs(config, tok)
+    steps = step_batches(len(pairs), config.batch_size, config.epochs, config.seed, config.max_steps)
+    if config.length_sort:
+        steps = longest_first_steps(steps, pairs.encoded)
+    plan = plan_reference(config, pairs, tok)
+    if plan.chosen is not None:
+        mine = needed_rows(steps, acc.process_index, acc.num_processes, config.micro_batch)
+        plan = compute_reference(plan, pairs, np.intersect1d(mine, plan.todo()), config, acc.device)
+    return tok, pairs, steps, ref_source(plan, config, acc.device), plan
+
+
+def load_policy(config: TrainConfig, acc):
+    """The policy in training mode, float32 weights (see `make_accelerator` for the compute dtype), LoRA if asked."""
+    from sera_cli.errors import ConfigError
+    from sera_cli.models import load_model, resolve
+
+    ref = resolve(config.policy)
+    if ref.adapter and config.lora_r:
+        raise ConfigError(f"--policy {config.policy} is a LoRA adapter: drop --lora-r to keep training it")
+    model = load_model(ref, "float32", str(acc.device), config.trust_remote_code, train=True)
+    if config.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
+                                                 lora_dropout=config.lora_dropout, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    if config.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name in recent transformers
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]],
+                  mixed_precision: str = "no") -> dict[str, Any]:
+    """`sera.json`: the run's config (with the dtype the policy ran in, float32 weights either way), the
+    identities of the base model and reference, the data's provenance."""
+    from sera_cli import provenance
+    from sera_cli.hashing import digest
+    from sera_cli.models import resolve
+
+    settings = {k: v for k, v in config.as_dict().items() if k != "progress"}
+    settings["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
+    return provenance.record(
+        "train", settings, requested_dtype=config.dtype,
+        models={"policy": resolve(config.policy).identity(), "ref": plan.model.identity() if plan.model else None},
+        reference={"source": plan.source, "logps": plan.identity},
+        data={"rows": len(pairs), "ids": digest(pairs.ids)}, steps=len(records),
+        first=records[0] if records else None, last=records[-1] if records else None,
+        parents=pairs.parents)
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A rich progress bar on stderr with the last step's loss and reward accuracy."""
+    if not enabled:
+        yield lambda record: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sera_cli.console import console
+
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("loss {task.fields[loss]}  reward acc {task.fields[acc]}"))
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("training", total=total, completed=start, loss="-", acc="-")
+        yield lambda r: bar.update(task, advance=1, loss=f"{r['loss']:.4f}", acc=f"{r['reward_accuracy']:.2f}")
