@@ -65,13 +65,13 @@ class ChunkedLogps:
             todo[role] = [c for c in range(self.n_chunks) if c not in self.done[role]]
         caches = {r: LogpCache(self.config.cache, self.identities[r]) for r in phase} if self.config.cache else {}
         hits: dict[str, dict[str, tuple[float, int]]] = {}
-        keys: dict[str, list[str]] = {}
+        keys: dict[str, dict[int, list[str | None]]] = {}  # each to-do chunk's cache keys, computed once
         for role in phase:
-            idx = [i for c in todo[role] for i in self._chunk_seqs(c)]
-            keys[role] = caches[role].keys([self.seqs[i] for i in idx]) if caches else []
-            hits[role] = caches[role].get(keys[role]) if caches else {}
-        missing = {role: sum(1 for k in keys[role] if k not in hits[role]) if caches else
-                   sum(len(self._chunk_seqs(c)) for c in todo[role]) for role in phase}
+            keys[role] = {c: caches[role].keys([self.seqs[i] for i in self._chunk_seqs(c)]) if caches
+                          else [None] * len(self._chunk_seqs(c)) for c in todo[role]}
+            hits[role] = caches[role].get([k for c in todo[role] for k in keys[role][c]]) if caches else {}
+        missing = {role: sum(1 for c in todo[role] for k in keys[role][c] if k not in hits[role])
+                   for role in phase}
         models = {role: self._load(roles[role]) for role in phase if missing[role]}
         total_tokens = sum(len(self.seqs[i][0]) for role in phase for c in todo[role] for i in self._chunk_seqs(c))
         with progress(self.config.progress) as bar:
@@ -80,27 +80,27 @@ class ChunkedLogps:
             for c in sorted({c for role in phase for c in todo[role]}):
                 for role in phase:
                     if c in todo[role]:
-                        self._chunk(role, c, models.get(role), caches.get(role), hits[role], bar, task, t0)
+                        self._chunk(role, c, models.get(role), caches.get(role), keys[role][c], hits[role], bar,
+                                    task, t0)
         for role in list(models):
             del models[role]
         gc.collect()
         for cache in caches.values():
             cache.close()
 
-    def _chunk(self, role, c, model, cache, hits, bar, task, t0) -> None:
+    def _chunk(self, role, c, model, cache, keys, hits, bar, task, t0) -> None:
         from sera_cli.scorer import sequences_logps
 
         idx = list(self._chunk_seqs(c))
         seqs = [self.seqs[i] for i in idx]
         logp = np.zeros(len(idx))
         ntok = np.zeros(len(idx), dtype=np.int64)
-        keys = cache.keys(seqs) if cache else [None] * len(idx)
         need = [j for j, k in enumerate(keys) if k not in hits]
         for j, k in enumerate(keys):
             if k in hits:
                 logp[j], ntok[j] = hits[k]
         self.cached += len(idx) - len(need)
-        bar.advance(task, sum(len(seqs[j][0]) for j in range(len(idx)) if j not in set(need)))
+        bar.advance(task, sum(len(seqs[j][0]) for j, k in enumerate(keys) if k in hits))
         if need:
             tok_pad = self._pad_id
 

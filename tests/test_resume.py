@@ -72,6 +72,17 @@ def score_args(src, policy, ref, out, *extra) -> list[str]:
             "-o", str(out), *extra]
 
 
+def resume_equals_fresh(tmp_path, src, policy, ref, out) -> None:
+    """`--resume` recomputes the 2 stale chunks (16 sequences), reuses 8, and writes what a fresh run writes."""
+    r = sera(*score_args(src, policy, ref, out, "--resume"))
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.startswith("scored 6 rows (16 sequences computed, 0 from cache, 8 resumed, "
+                               "2 stale chunks recomputed, ")
+    fresh = tmp_path / "fresh.parquet"
+    assert sera(*score_args(src, policy, ref, fresh)).exit_code == 0
+    assert rows(out) == rows(fresh)
+
+
 def test_score_resume_after_the_weights_changed_equals_a_fresh_run(tmp_path, policy, tiny_ref, monkeypatch):
     """Killed after two chunks of each model (order: policy-0, ref-0, policy-1, ref-1), the policy's weights
     replaced in its folder, then --resume: the reference's chunks are reused, the policy's recomputed."""
@@ -87,14 +98,8 @@ def test_score_resume_after_the_weights_changed_equals_a_fresh_run(tmp_path, pol
         "policy-000000.npz", "policy-000001.npz", "ref-000000.npz", "ref-000001.npz"]
 
     swap_weights(policy, tiny_ref)
-    r = sera(*score_args(src, policy, tiny_ref, out, "--resume"))
-    assert r.exit_code == 0, r.stderr
     # 2 chunks x 2 rows x (chosen, rejected) of the reference resumed; both policy chunks stale
-    assert r.stderr.startswith("scored 6 rows (16 sequences computed, 0 from cache, 8 resumed, "
-                               "2 stale chunks recomputed, ")
-    fresh = tmp_path / "fresh.parquet"
-    assert sera(*score_args(src, policy, tiny_ref, fresh)).exit_code == 0
-    assert rows(out) == rows(fresh)
+    resume_equals_fresh(tmp_path, src, policy, tiny_ref, out)
     assert rows(out)["logp_policy_chosen"] != rows(old)["logp_policy_chosen"]  # the swap changed the numbers
     assert rows(out)["logp_ref_chosen"] == rows(old)["logp_ref_chosen"]
     assert not partial(out, "score").exists()
@@ -110,13 +115,7 @@ def test_score_resume_after_row_text_changed_under_the_same_ids(tmp_path, tiny_p
     chosen = table.column("chosen").to_pylist()
     chosen[3] = " Paris, the capital of France."  # row 3 is in chunk 1; chunk 0 is untouched
     pq.write_table(table.set_column(1, "chosen", pa.array(chosen)), src)
-    r = sera(*score_args(src, tiny_policy, tiny_ref, out, "--resume"))
-    assert r.exit_code == 0, r.stderr
-    assert r.stderr.startswith("scored 6 rows (16 sequences computed, 0 from cache, 8 resumed, "
-                               "2 stale chunks recomputed, ")
-    fresh = tmp_path / "fresh.parquet"
-    assert sera(*score_args(src, tiny_policy, tiny_ref, fresh)).exit_code == 0
-    assert rows(out) == rows(fresh)
+    resume_equals_fresh(tmp_path, src, tiny_policy, tiny_ref, out)
 
 
 def test_a_rerun_without_resume_says_it_discards_earlier_work(tmp_path, pairs_file, tiny_policy, tiny_ref,
@@ -224,7 +223,8 @@ def test_a_checkpoint_save_cut_between_its_renames_resumes(tmp_path, tiny_policy
     new one and ends with the losses of an uninterrupted run."""
     from sera_cli.score import score
     from sera_cli.score_config import ScoreConfig
-    from trainers import TrainConfig, train
+    from sera_cli.train_stage import train
+    from trainers import TrainConfig
 
     pq.write_table(standard_table(), tmp_path / "pairs.parquet")
     scored = str(tmp_path / "scored.parquet")

@@ -33,15 +33,15 @@ class LocalJudge:
 
     def _load(self) -> None:
         from sera_cli.generation.engine_hf import HFEngine
-        from sera_cli.generation.prompts import model_context, stop_ids
-        from sera_cli.models import load_tokenizer
+        from sera_cli.generation.prompts import stop_ids
+        from sera_cli.models import load_tokenizer, model_context
 
         tok = load_tokenizer(self.ref, self.trust_remote_code)
         if not tok.chat_template:
             raise ModelError(f"judge {self.spec}: its tokenizer has no chat template; a judge must be a chat "
                              "(instruct) model, or serve one behind --judge-url")
         self._tok, self.stops = tok, stop_ids(self.ref.path, tok, chat=True)
-        self.context = model_context(self.ref.path, self.trust_remote_code)
+        self.context = model_context(self.ref, self.trust_remote_code)
         self._engine = HFEngine(self.ref, tok, dtype=self.dtype, device=self.device, batch_size=self.batch_size,
                                 temperature=0.0, top_p=1.0, max_new_tokens=self.max_tokens, stop_ids=self.stops,
                                 trust_remote_code=self.trust_remote_code)

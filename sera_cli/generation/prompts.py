@@ -2,7 +2,7 @@
 
 A prompt's id is the row's `id` when the table has one, else a content hash of the prompt. Rows that repeat a
 prompt (same id, same prompt) are generated once. Prompts are tokenized exactly as `score` tokenizes them
-(`sera_cli.encode.render`): plain strings as they are, messages through the chat template with the generation
+(`trainers.encode.render`): plain strings as they are, messages through the chat template with the generation
 prompt, so the tokens a response was sampled after are the tokens it is scored after.
 """
 
@@ -52,7 +52,7 @@ def read_prompts(inputs: Inputs) -> Prompts:
 
 def prompt_tokens(tok, prompt: Any) -> list[int]:
     """The prompt's token ids as `score` sees them (chat template with the generation prompt for messages)."""
-    from sera_cli.encode import render
+    from trainers.encode import render
 
     return render(tok, prompt, [])[0]
 
@@ -68,15 +68,6 @@ def check_lengths(inputs: Inputs, prompts: Prompts, tokens: list[list[int]], max
             raise InputError(file, f"prompt has {len(ids):,} tokens; with --max-new-tokens {max_new_tokens} that "
                                    f"exceeds the model's context of {context:,} tokens", row=local, column="prompt",
                              hint="lower --max-new-tokens, or shorten or drop the row")
-
-
-def model_context(path: str, trust_remote_code: bool = False) -> int | None:
-    """The most positions the model takes (max_position_embeddings), when its config says."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(text, "max_position_embeddings", None)
 
 
 def stop_ids(path: str, tok, chat: bool = False) -> list[int]:
