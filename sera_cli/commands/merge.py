@@ -22,7 +22,7 @@ def merge(
     from sera_cli.merge import MergeConfig
     from sera_cli.merge import merge as run
 
-    console.print(run(MergeConfig(tuple(shards), output)).line(), soft_wrap=True)
+    console.print(run(MergeConfig(shards=tuple(shards), output=output)).line(), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

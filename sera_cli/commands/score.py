@@ -51,9 +51,12 @@ def score_command(
         raise ConfigError(f"--reward {reward}: expected dpo or simpo")
     if prev_missing not in ("error", "current"):
         raise ConfigError(f"--prev-missing {prev_missing}: expected error or current")
-    config = ScoreConfig(tuple(inputs), output, policy, ref, reward, beta, prev, ensemble_lambda, prev_missing,
-                         dtype, device, max_length, max_prompt_length, batch_tokens, low_memory, cache, resume,
-                         parse_shard(shard), chunk_rows, trust_remote_code, progress=not quiet)
+    config = ScoreConfig(inputs=tuple(inputs), output=output, policy=policy, ref=ref, reward=reward, beta=beta,
+                         prev=prev, ensemble_lambda=ensemble_lambda, prev_missing=prev_missing, dtype=dtype,
+                         device=device, max_length=max_length, max_prompt_length=max_prompt_length,
+                         batch_tokens=batch_tokens, low_memory=low_memory, cache=cache, resume=resume,
+                         shard=parse_shard(shard), chunk_rows=chunk_rows, trust_remote_code=trust_remote_code,
+                         progress=not quiet)
     console.print(score(config).line(), soft_wrap=True)
 
 

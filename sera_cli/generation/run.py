@@ -275,7 +275,8 @@ def _score(config: GenerateConfig, table: pa.Table) -> pa.Table:
     from sera_cli.score import score_table
     from sera_cli.score_config import ScoreConfig
 
-    sc = ScoreConfig(config.inputs, config.output, config.policy, config.ref, config.reward, config.beta,
+    sc = ScoreConfig(inputs=config.inputs, output=config.output, policy=config.policy, ref=config.ref,
+                     reward=config.reward, beta=config.beta,
                      dtype=config.dtype, device=config.device, max_length=config.max_length,
                      max_prompt_length=config.max_prompt_length, cache=config.cache, resume=config.resume,
                      trust_remote_code=config.trust_remote_code, progress=config.progress)
