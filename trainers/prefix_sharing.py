@@ -90,7 +90,7 @@ def response_logps(model, states: Sequence[PromptState], responses: Sequence[lis
     lengths = torch.tensor([s.length for s in states], device=device)
     positions = lengths.unsqueeze(1) + torch.arange(R, device=device).unsqueeze(0)
     hidden = decoder(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=True,
-                     **{_cache_kwarg(decoder): cache}).last_hidden_state
+                     **{cache_kwarg(decoder): cache}).last_hidden_state
     # Token t of a response is predicted by the hidden state before it: the prompt's last for t = 0.
     before = torch.cat([torch.stack([s.last for s in states]).unsqueeze(1), hidden[:, :-1]], dim=1)
     mask = att[:, P:].bool()
@@ -142,9 +142,9 @@ def _forward_params(forward) -> frozenset[str]:
     return frozenset(inspect.signature(forward).parameters)
 
 
-def _cache_kwarg(decoder) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this version takes."""
-    return "cache" if "cache" in _forward_params(type(decoder).forward) else "past_key_values"
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.20); the name this model's forward takes."""
+    return "cache" if "cache" in _forward_params(type(model).forward) else "past_key_values"
 
 
 def can_share(model) -> bool:

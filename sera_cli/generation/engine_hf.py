@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sera_cli.generation.sampling import Request, row_seed, uniforms
+from trainers.prefix_sharing import cache_kwarg
 
 # Candidates tried before a full sort of the vocabulary: a sort of 64 x 49,152 probabilities costs more than a
 # forward pass of a 135M model on 2 CPU cores, and a trained model's top-p nucleus is usually far smaller.
@@ -111,6 +112,7 @@ class HFEngine:
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self._cache_kwarg = cache_kwarg(self.model)  # `cache` in transformers 5.20+, `past_key_values` before
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "device": str(self.device), "batch_size": self.batch_size}
@@ -139,8 +141,8 @@ class HFEngine:
         rows = torch.tensor(owner, device=self.device)
         with torch.inference_mode():
             prefill = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=ids, attention_mask=mask, cache=prefill, use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                                **{self._cache_kwarg: prefill}).logits[:, -1]
             cache = preallocated(prefill, rows, self.max_new_tokens - 1)
             if cache is None:  # a sliding-window or recurrent layer: let `generate` manage its cache
                 from sera_cli.generation.engine_hf_reference import generate_rows
@@ -162,8 +164,8 @@ class HFEngine:
             if step + 1 == self.max_new_tokens or bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(len(seeds), 1)], dim=1)
-            logits = self.model(input_ids=token[:, None], attention_mask=mask, cache=cache,
-                                use_cache=True).logits[:, -1]
+            logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
+                                **{self._cache_kwarg: cache}).logits[:, -1]
         return torch.stack(steps, dim=1).tolist()
 
 
@@ -181,7 +183,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 def preallocated(prefill, rows: torch.Tensor, room: int):
     """A cache holding row rows[k] of `prefill` as its row k, with room for `room` more positions; None when a
     layer is not a plain growing one (sliding windows, recurrent states)."""
-    if not prefill.layers or any(type(layer) is not DynamicLayer for layer in prefill.layers):
+    if not prefill.layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in prefill.layers):
         return None
     cache = DynamicCache(config=None)
     cache.layers = [_Buffered(layer.keys, layer.values, rows, room) for layer in prefill.layers]
