@@ -183,7 +183,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 def preallocated(prefill, rows: torch.Tensor, room: int):
     """A cache holding row rows[k] of `prefill` as its row k, with room for `room` more positions; None when a
     layer is not a plain growing one (sliding windows, recurrent states)."""
-    if not prefill.layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in prefill.layers):
+    if not prefill.layers or any(type(layer) is not DynamicLayer for layer in prefill.layers):
         return None
     cache = DynamicCache(config=None)
     cache.layers = [_Buffered(layer.keys, layer.values, rows, room) for layer in prefill.layers]
