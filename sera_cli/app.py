@@ -1,14 +1,13 @@
 """The `sera` command: a Typer app whose commands live in `sera_cli/commands/<name>.py`.
 
-Each command module has `register(app)`. Domain errors become one line on stderr and a non-zero exit here,
-once; `SERA_DEBUG=1` shows the traceback instead.
+Each command module has `register(app)`; `COMMANDS` lists them explicitly, in help order, so a missing module
+is an import error here rather than a command that silently disappears. Domain errors become one line on
+stderr and a non-zero exit here, once; `SERA_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -17,8 +16,6 @@ import typer
 
 from sera_cli import __version__
 from sera_cli.errors import SeraError
-
-COMMANDS = ("convert", "score", "merge", "select", "mix", "generate", "train", "run", "report", "inspect", "sql", "eval")
 
 app = typer.Typer(
     name="sera",
@@ -62,10 +59,24 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """sera: SeRA preference-data curation."""
 
 
-for _name in COMMANDS:
-    _module = f"sera_cli.commands.{_name}"
-    if importlib.util.find_spec(_module) is not None:
-        importlib.import_module(_module).register(app)
+from sera_cli.commands import (  # noqa: E402  (the app and `guarded` above are what the modules register on)
+    convert,
+    eval,
+    generate,
+    inspect,
+    merge,
+    mix,
+    report,
+    run,
+    score,
+    select,
+    sql,
+    train,
+)
+
+COMMANDS = (convert, score, merge, select, mix, generate, train, run, report, inspect, sql, eval)
+for _command in COMMANDS:
+    _command.register(app)
 
 
 def main() -> None:

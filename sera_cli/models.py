@@ -16,6 +16,7 @@ from typing import Any
 
 from sera_cli.errors import ModelError
 from sera_cli.hashing import digest, file_digest, tree_digest
+from sera_cli.hub import is_hub_id, snapshot
 
 DEFAULT_MODEL = "smollm2-135m"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", "config.json")
@@ -28,7 +29,7 @@ class ModelRef:
     spec: str
     path: str
     fingerprint: str
-    kind: str  # "hf", "gguf", "peft" or "default"
+    kind: str  # "hf", "hub", "gguf", "peft" or "default"
     adapter: str | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -62,14 +63,21 @@ def resolve(spec: str) -> ModelRef:
         folder = gguf_folder(gguf)
         return ModelRef(spec, str(folder), fingerprint_folder(folder), "default")
     path = Path(spec)
+    if is_hub_id(spec):
+        return _resolve_folder(spec, snapshot(spec))
     if not path.exists():
-        raise ModelError(f"{spec}: no such model folder or file (give a Hugging Face folder, a .gguf file, "
-                         f"a PEFT adapter folder or '{DEFAULT_MODEL}')")
+        raise ModelError(f"{spec}: no such model folder or file (give a Hugging Face folder or Hub id, a .gguf "
+                         f"file, a PEFT adapter folder or '{DEFAULT_MODEL}')")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"{spec}: a model file must be .gguf; otherwise give the model's folder")
         folder = gguf_folder(path)
         return ModelRef(spec, str(folder), fingerprint_folder(folder), "gguf")
+    return _resolve_folder(spec, path)
+
+
+def _resolve_folder(spec: str, path: Path) -> ModelRef:
+    """A Hugging Face model folder or a PEFT adapter folder (its base resolved in turn)."""
     if (path / "adapter_config.json").exists():
         base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base_spec:

@@ -15,7 +15,7 @@ OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output Parquet f
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 BetaOpt = Annotated[float, typer.Option("--beta", help="Implicit-reward scale beta (paper Eq. 5).", min=0.0)]
 PolicyOpt = Annotated[str, typer.Option(
-    "--policy", help="Policy: HF folder, .gguf file, PEFT adapter folder, or 'smollm2-135m' (embedded).")]
+    "--policy", help="Policy: HF folder or Hub id (cache first), .gguf file, PEFT adapter folder, or 'smollm2-135m' (embedded).")]
 RefOpt = Annotated[str | None, typer.Option(
     "--ref", help="Reference model (same forms as --policy). Required for DPO rewards; never defaults to "
                   "the policy.")]

@@ -8,8 +8,8 @@ values; a response batch gathers the keys of its prompts (left-padded to the lon
 continue each prompt's own length.
 
 The same functions run under autograd for training (`batch_shared_logps`): a pair's chosen and rejected rows
-gather the keys and values of their one prompt pass (a copy into a fresh tensor, never the prompt's cache
-updated in place), so autograd sums both continuations' gradients into it.
+gather the keys and values of their one prompt pass (one `index_select`, never the prompt's cache updated in
+place), so autograd sums both continuations' gradients into it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from trainers.batching import length_batches, windows
 from trainers.logps import _head, projected_logps, sum_by_row, sum_dtype
 
 KV_TOKENS_PER_BATCH_TOKEN = 8  # a response batch's gathered prompt keys: at most this many x its token budget
-ONE_BATCH = 1 << 60  # a token budget no training micro-batch reaches
 
 
 @dataclass
@@ -41,26 +40,64 @@ class PromptState:
         return self.kv.shape[3]
 
 
+def _prompt_batch(decoder, prompts: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """One left-padded prompt batch through the decoder: keys and values [layers, 2, B, kv_heads, L, head_dim],
+    the attention mask [B, L] and each prompt's last hidden state [B, hidden]."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(prompts), L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p)
+        att[b, L - len(p):] = 1
+    ids, att = ids.to(device), att.to(device)
+    out = decoder(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
+                  use_cache=True)
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
+    return kv, att, out.last_hidden_state[:, -1]
+
+
 def prompt_states(model, prompts: Sequence[list[int]], pad_id: int, batch_tokens: int) -> list[PromptState]:
     """Run every prompt once (length-sorted, left-padded batches); each prompt's keys, values and last state."""
     decoder, _ = _head(model)
     device = next(model.parameters()).device
     states: list[PromptState | None] = [None] * len(prompts)
     for batch in length_batches([len(p) for p in prompts], batch_tokens):
-        L = len(prompts[batch[0]])
-        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        att = torch.zeros((len(batch), L), dtype=torch.long)
+        kv, _, last = _prompt_batch(decoder, [prompts[i] for i in batch], pad_id, device)
+        L = kv.shape[4]
         for b, i in enumerate(batch):
-            ids[b, L - len(prompts[i]):] = torch.tensor(prompts[i])
-            att[b, L - len(prompts[i]):] = 1
-        ids, att = ids.to(device), att.to(device)
-        out = decoder(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
-                      use_cache=True)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])  # [l, 2, B, h, L, d]
-        for b, i in enumerate(batch):
-            states[i] = PromptState(kv[:, :, b, :, L - len(prompts[i]):], out.last_hidden_state[b, -1])
+            states[i] = PromptState(kv[:, :, b, :, L - len(prompts[i]):], last[b])
     return states
+
+
+def _continue(model, kv: torch.Tensor, prompt_att: torch.Tensor, last: torch.Tensor,
+              responses: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and counts of each response k after its prompt: keys and values kv[:, :, k] (left-padded
+    to P, [layers, 2, K, kv_heads, P, head_dim]), its mask prompt_att[k] and last hidden state last[k]."""
+    from transformers import DynamicCache
+
+    decoder, head = _head(model)
+    device = kv.device
+    K, R = len(responses), max(len(r) for r in responses)
+    ids = torch.full((K, R), pad_id, dtype=torch.long)
+    ratt = torch.zeros((K, R), dtype=torch.long)
+    for k, r in enumerate(responses):
+        ids[k, :len(r)] = torch.tensor(r)
+        ratt[k, :len(r)] = 1
+    ids, ratt, prompt_att = ids.to(device), ratt.to(device), prompt_att.to(device)
+    cache = DynamicCache()
+    for layer in range(kv.shape[0]):
+        cache.update(kv[layer, 0], kv[layer, 1], layer)
+    att = torch.cat([prompt_att, ratt], dim=1)
+    positions = prompt_att.sum(-1, keepdim=True) + torch.arange(R, device=device).unsqueeze(0)
+    hidden = decoder(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=True,
+                     **{cache_kwarg(decoder): cache}).last_hidden_state
+    # Token t of a response is predicted by the hidden state before it: the prompt's last for t = 0.
+    before = torch.cat([last.unsqueeze(1), hidden[:, :-1]], dim=1)
+    mask = ratt.bool()
+    picked = projected_logps(head, before[mask], ids[mask])
+    rows = mask.nonzero(as_tuple=True)[0]
+    return sum_by_row(picked, rows, K), mask.sum(-1)
 
 
 def response_logps(model, states: Sequence[PromptState], responses: Sequence[list[int]],
@@ -69,34 +106,15 @@ def response_logps(model, states: Sequence[PromptState], responses: Sequence[lis
 
     Equal, up to float rounding, to `sequence_logps` on the concatenated sequences.
     """
-    from transformers import DynamicCache
-
-    decoder, head = _head(model)
-    device = next(model.parameters()).device
-    K, R, P = len(responses), max(len(r) for r in responses), max(s.length for s in states)
+    device = states[0].kv.device
+    K, P = len(responses), max(s.length for s in states)
     layers, _, heads, _, dim = states[0].kv.shape
     kv = torch.zeros((layers, 2, K, heads, P, dim), dtype=states[0].kv.dtype, device=device)
-    att = torch.zeros((K, P + R), dtype=torch.long)
-    ids = torch.full((K, R), pad_id, dtype=torch.long)
-    for k, (s, r) in enumerate(zip(states, responses, strict=True)):
+    att = torch.zeros((K, P), dtype=torch.long)
+    for k, s in enumerate(states):
         kv[:, :, k, :, P - s.length:] = s.kv
-        att[k, P - s.length:P + len(r)] = 1
-        ids[k, :len(r)] = torch.tensor(r)
-    cache = DynamicCache()
-    for layer in range(layers):
-        cache.update(kv[layer, 0], kv[layer, 1], layer)
-    del kv
-    ids, att = ids.to(device), att.to(device)
-    lengths = torch.tensor([s.length for s in states], device=device)
-    positions = lengths.unsqueeze(1) + torch.arange(R, device=device).unsqueeze(0)
-    hidden = decoder(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=True,
-                     **{cache_kwarg(decoder): cache}).last_hidden_state
-    # Token t of a response is predicted by the hidden state before it: the prompt's last for t = 0.
-    before = torch.cat([torch.stack([s.last for s in states]).unsqueeze(1), hidden[:, :-1]], dim=1)
-    mask = att[:, P:].bool()
-    picked = projected_logps(head, before[mask], ids[mask])
-    rows = mask.nonzero(as_tuple=True)[0]
-    return sum_by_row(picked, rows, K), mask.sum(-1)
+        att[k, P - s.length:] = 1
+    return _continue(model, kv, att, torch.stack([s.last for s in states]), responses, pad_id)
 
 
 def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], owner: Sequence[int],
@@ -132,9 +150,15 @@ def shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[i
 def batch_shared_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]],
                        owner: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`shared_logps` of one training micro-batch, differentiable: the prompts in one left-padded batch, the
-    responses in one batch over their prompts' gathered keys and values. Equal to `sequence_logps` on the
-    concatenated sequences, values and gradients, within float32 rounding."""
-    return shared_logps(model, prompts, responses, owner, pad_id, ONE_BATCH, ONE_BATCH)
+    responses in one batch over their prompts' keys and values, gathered with one `index_select` (no per-row
+    copies, so the backward is one scatter-add). Equal to `sequence_logps` on the concatenated sequences,
+    values and gradients, within float32 rounding."""
+    decoder, _ = _head(model)
+    device = next(model.parameters()).device
+    kv, att, last = _prompt_batch(decoder, prompts, pad_id, device)
+    own = torch.tensor(list(owner), dtype=torch.long, device=device)
+    return _continue(model, kv.index_select(2, own), att.index_select(0, own), last.index_select(0, own),
+                     responses, pad_id)
 
 
 @memoize

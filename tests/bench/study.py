@@ -481,7 +481,9 @@ def override(scale: Scale, args: argparse.Namespace) -> Scale:
     if args.methods:
         methods = tuple(m for m in METHODS if m in args.methods or (m == "dpo" and set(args.methods) & set(ITER1_SHARED)))
     sets = tuple(replace(s, rows=args.rows or s.rows, eval_rows=args.eval_rows or s.eval_rows) for s in scale.sets)
-    return replace(scale, run=run, methods=methods, sets=sets, flips=tuple(args.flips or scale.flips))
+    clean = None if args.methods else scale.clean_methods  # methods named on the command line run at 0% too
+    return replace(scale, run=run, methods=methods, sets=sets, flips=tuple(args.flips or scale.flips),
+                   clean_methods=clean)
 
 
 def main() -> None:
