@@ -137,9 +137,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def refuse_terminal_stdout(path: str) -> None:
+    """Parquet is binary: '-' into a terminal (no pipe or redirect) would print bytes on the screen."""
+    if path == STDIO and sys.stdout.isatty():
+        raise InputError(STDIO, "standard output is a terminal, and Parquet is binary",
+                         hint="pipe it (| sera ...), redirect it (> out.parquet) or give -o FILE")
+
+
 def write_parquet(table: pa.Table, path: str) -> None:
     """Write a table to a file atomically, or to stdout for '-'."""
     if path == STDIO:
+        refuse_terminal_stdout(path)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         sys.stdout.buffer.write(buf.getvalue())
@@ -175,8 +183,9 @@ _NEVER_REPLACED = "outputs never replace inputs: choose another output path"
 
 def check_writable(path: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Fail before any work when the output cannot be written (missing permission, folder in the way) or would
-    replace one of the `inputs`."""
+    replace one of the `inputs`, or is a terminal's standard output."""
     if path == STDIO:
+        refuse_terminal_stdout(path)
         return
     refuse_overwrite(path, inputs)
     target = Path(path)

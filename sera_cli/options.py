@@ -19,9 +19,33 @@ PolicyOpt = Annotated[str, typer.Option(
 RefOpt = Annotated[str | None, typer.Option(
     "--ref", help="Reference model (same forms as --policy). Required for DPO rewards; never defaults to "
                   "the policy.")]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(option: str, choices: tuple[str, ...], aliases: dict[str, str] | None = None):
+    """A callback that accepts one of `choices` (or an alias of one, as TRL and vLLM spell them) and otherwise
+    fails with a one-line usage error that lists the choices. `None` (not given) passes through."""
+
+    def check(value):
+        if value is None:
+            return value
+        v = (aliases or {}).get(str(value).lower(), str(value).lower())
+        if v not in choices and not (option == "--device" and v.startswith("cuda:")):
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+        return v
+
+    return check
+
+
+check_dtype = _choice("--dtype", DTYPES, DTYPE_ALIASES)
+check_device = _choice("--device", DEVICES)
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+    "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16 (bf16, fp16, fp32).",
+    callback=check_dtype, metavar="DTYPE")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", callback=check_device,
+                                        metavar="DEVICE")]
 MaxLengthOpt = Annotated[int, typer.Option(
     "--max-length", help="Most tokens of prompt+response; responses are cut from the right.", min=2)]
 MaxPromptLengthOpt = Annotated[int, typer.Option(

@@ -214,6 +214,12 @@ def rich_table(reports: list[RunReport]):
     return table
 
 
+def as_json(reports: list[RunReport]) -> list[dict[str, Any]]:
+    """The reports for machines: each run's name, workdir, config and per-iteration numbers (no IRM arrays)."""
+    return [{"name": r.name, "workdir": str(r.workdir), "config": r.config,
+             "iterations": [vars(i) for i in r.iterations]} for r in reports]
+
+
 def figure(reports: list[RunReport], path: Path) -> None:
     """Held-out accuracy per iteration, loss per step, and the IRM of clean vs flipped pairs."""
     import matplotlib

@@ -403,8 +403,8 @@ def test_report_shows_an_eval_folder(tmp_path, questions_file, tiny_policy):
     evaluate(config)
     r = CliRunner().invoke(app, ["report", str(tmp_path / "out")], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.stderr
-    lines = [line for line in r.stderr.splitlines() if "│ pol" in line]
-    assert len(lines) == 1 and "100.0%" in lines[0] and "4/0/0" in lines[0] and "sera eval" in r.stderr
+    lines = [line for line in r.stdout.splitlines() if "│ pol" in line]
+    assert len(lines) == 1 and "100.0%" in lines[0] and "4/0/0" in lines[0] and "sera eval" in r.stdout
 
 
 def test_run_with_eval_judges_each_iteration_and_skips_when_up_to_date(tmp_path, questions_file, tiny_policy):

@@ -76,7 +76,20 @@ def test_side_by_side_markdown_and_figure(tmp_path):
     assert "- B: method dpo, policy smollm2-135m, data embedded demo set" in md
     png = (tmp_path / "out/report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "held-out reward accuracy" in result.stderr and "A it2" in result.stderr
+    assert "held-out reward accuracy" in result.stdout and "A it2" in result.stdout  # the report is stdout
+    assert "wrote " in result.stderr and "wrote " not in result.stdout
+
+
+def test_json_has_every_iteration_for_machines(tmp_path):
+    import json
+
+    a = make_run(tmp_path / "A", 2)
+    result = runner.invoke(app, ["report", str(a), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [r["name"] for r in doc["runs"]] == ["A"] and doc["evals"] == {}
+    its = doc["runs"][0]["iterations"]
+    assert [i["t"] for i in its] == [1, 2] and its[1]["flips_kept"] == 0.5 and its[1]["train_rows"] == 5
 
 
 def test_single_run_writes_into_its_workdir(tmp_path):

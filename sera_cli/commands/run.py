@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from sera_cli import options as o
+
 Int = int | None
 Float = float | None
 Str = str | None
@@ -66,8 +68,9 @@ def run(
     epochs: Annotated[Int, _opt("--epochs", "Epochs per iteration.")] = None,
     lora_r: Annotated[Int, _opt("--lora-r", "LoRA rank; 0 is full fine-tuning.")] = None,
     dtype: Annotated[Str, _opt("--dtype", "dtype of every model (scoring, generation, training): auto "
-                                          "(float32 on CPU), float32, bfloat16 or float16.")] = None,
-    device: Annotated[Str, _opt("--device", "auto, cpu or cuda.")] = None,
+                                          "(float32 on CPU), float32, bfloat16 or float16.", callback=o.check_dtype, metavar="DTYPE")] = None,
+    device: Annotated[Str, _opt("--device", "auto, cpu, cuda or cuda:N.", callback=o.check_device,
+                                metavar="DEVICE")] = None,
     max_length: Annotated[Int, _opt("--max-length", "Most tokens of prompt+response.")] = None,
     max_prompt_length: Annotated[Int, _opt("--max-prompt-length", "Most prompt tokens.")] = None,
     batch_tokens: Annotated[Int, _opt("--batch-tokens", "Padded tokens per scoring batch.")] = None,

@@ -46,7 +46,7 @@ def train_command(
     dtype: Annotated[str, typer.Option("--dtype", help="The policy's compute dtype (its weights stay float32): "
                                "auto (bfloat16 autocast on a GPU or on a CPU with AVX512_BF16 or AMX, else "
                                "float32), float32, bfloat16 or float16. A reference computed here loads in it too "
-                               "(auto: as 'score' resolves it).")] = "auto",
+                               "(auto: as 'score' resolves it).", callback=o.check_dtype, metavar="DTYPE")] = "auto",
     device: o.DeviceOpt = "auto",
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
