@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from sera_cli.console import console
+from sera_cli.console import Progress, console
 from sera_cli.errors import ConfigError
 from sera_cli.hashing import digest
 from sera_cli.io import STDIO, atomic_path
@@ -212,7 +212,6 @@ def progress(enabled: bool, counts: bool = False):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,

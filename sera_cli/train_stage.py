@@ -193,9 +193,9 @@ def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[[di
     if not enabled:
         yield lambda record: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from sera_cli.console import console
+    from sera_cli.console import Progress, console
 
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("loss {task.fields[loss]}  reward acc {task.fields[acc]}"))

@@ -140,9 +140,9 @@ def judge_missing(judge, jobs: list[Job], cache: JudgmentCache, progress: bool) 
     if not todo:
         return 0, 0.0
     pending = list(todo.values())
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from sera_cli.console import console
+    from sera_cli.console import Progress, console
 
     t0, done = time.perf_counter(), [0]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
