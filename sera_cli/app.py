@@ -62,6 +62,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 from sera_cli.commands import (  # noqa: E402  (the app and `guarded` above are what the modules register on)
     convert,
     eval,
+    export,
     generate,
     inspect,
     merge,
@@ -74,7 +75,7 @@ from sera_cli.commands import (  # noqa: E402  (the app and `guarded` above are 
     train,
 )
 
-COMMANDS = (convert, score, merge, select, mix, generate, train, run, report, inspect, sql, eval)
+COMMANDS = (convert, score, merge, select, mix, generate, train, run, report, inspect, sql, eval, export)
 for _command in COMMANDS:
     _command.register(app)
 
