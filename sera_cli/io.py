@@ -72,7 +72,8 @@ def expand(specs: list[str]) -> list[str]:
 
 
 def read_parquet(path: str) -> pa.Table:
-    """One Parquet file (or stdin for '-'), with a one-line error for anything unreadable."""
+    """One Parquet file (or stdin for '-'), an `.arrow` file or a `datasets` `save_to_disk` folder, with a
+    one-line error for anything unreadable."""
     name = "<stdin>" if path == STDIO else path
     try:
         if path == STDIO:
@@ -83,9 +84,18 @@ def read_parquet(path: str) -> pa.Table:
         if not os.path.exists(path):
             raise InputError(name, "no such file")
         if os.path.isdir(path):
-            raise InputError(name, "is a folder, not a Parquet file")
+            from sera_cli.arrow_data import is_dataset_folder, read_dataset_folder
+
+            if is_dataset_folder(path):
+                return read_dataset_folder(path)
+            raise InputError(name, "is a folder, not a Parquet file",
+                             hint="give a Parquet file, an .arrow file or a datasets save_to_disk folder")
         if os.path.getsize(path) == 0:
             raise InputError(name, "is empty (0 bytes)", hint="was it written completely?")
+        if path.endswith(".arrow"):
+            from sera_cli.arrow_data import read_arrow
+
+            return read_arrow(path)
         return pq.read_table(path)
     except InputError:
         raise

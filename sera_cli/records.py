@@ -65,7 +65,9 @@ def _json(path: str, text: str) -> list[dict[str, Any]]:
 def read_records(path: str) -> list[dict[str, Any]]:
     """The rows of one file as dicts; row numbers in errors are 0-based line (JSONL) or record indices."""
     name = path.removesuffix(".gz")
-    if name.endswith(".parquet"):
+    from sera_cli.arrow_data import is_dataset_folder
+
+    if name.endswith((".parquet", ".arrow")) or is_dataset_folder(path):
         from sera_cli.io import read_parquet
 
         rows = read_parquet(path).to_pylist()
