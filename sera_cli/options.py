@@ -24,7 +24,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _choice(option: str, choices: tuple[str, ...], aliases: dict[str, str] | None = None):
+def choice(option: str, choices: tuple[str, ...], aliases: dict[str, str] | None = None):
     """A callback that accepts one of `choices` (or an alias of one, as TRL and vLLM spell them) and otherwise
     fails with a one-line usage error that lists the choices. `None` (not given) passes through."""
 
@@ -39,8 +39,8 @@ def _choice(option: str, choices: tuple[str, ...], aliases: dict[str, str] | Non
     return check
 
 
-check_dtype = _choice("--dtype", DTYPES, DTYPE_ALIASES)
-check_device = _choice("--device", DEVICES)
+check_dtype = choice("--dtype", DTYPES, DTYPE_ALIASES)
+check_device = choice("--device", DEVICES)
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16 (bf16, fp16, fp32).",
     callback=check_dtype, metavar="DTYPE")]

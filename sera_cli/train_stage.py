@@ -25,7 +25,9 @@ from trainers.config import TrainConfig, validate
 from trainers.precision import compute_dtype
 
 # Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
-_NOT_IN_KEY = ("output", "resume", "overwrite", "progress", "save_steps", "ref_batch_tokens")
+_NOT_IN_KEY = ("output", "resume", "overwrite", "progress", "save_steps", "ref_batch_tokens", "report_to",
+               "logging_dir")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,20 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         checkpoint.prepare_partial(partial, config.resume)
     acc.wait_for_everyone()
     start = checkpoint.saved_step(partial) if config.resume else 0
+    track = start_tracking(config, acc)
     with progress_bar(config.progress and acc.is_main_process, len(steps), start) as show:
         def step_done(record: dict[str, Any]) -> None:
             show(record)
+            if track:
+                acc.log({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"},
+                        step=record["step"])
             if on_step:
                 on_step(record)
 
         net, log = fit(config, acc, model, tok.pad_token_id, pairs.encoded, steps, refs, partial,
                        run_key(config, pairs.ids), live_ref=plan.source == "live", on_step=step_done)
+    if track:
+        acc.end_training()
     sera = provenance_of(config, pairs, plan, log.records, acc.mixed_precision)
     checkpoint.save_model(acc, net, tok, partial / "model", not config.save_adapter, sera, log.path)
     if acc.is_main_process:
@@ -105,6 +113,19 @@ def run_key(config: TrainConfig, ids: list[str]) -> str:
     return digest({"config": settings, "rows": digest(ids)})
 
 
+def logging_dir(config: TrainConfig) -> str:
+    return config.logging_dir or f"{str(config.output).rstrip('/')}-runs"
+
+
+def start_tracking(config: TrainConfig, acc) -> bool:
+    """accelerate's trackers (`--report-to`): the run's settings as hyperparameters, one log per step."""
+    if config.report_to == "none":
+        return False
+    hparams = {k: v for k, v in vars(config).items() if isinstance(v, int | float | str | bool)}
+    acc.init_trackers("sera-train", config=hparams)
+    return True
+
+
 def make_accelerator(config: TrainConfig):
     """accelerate's Accelerator. The weights being trained stay float32; --dtype bfloat16 or float16 (and auto
     where the CPU or GPU does bfloat16 natively, `trainers.precision`) runs the forward and backward under
@@ -115,13 +136,30 @@ def make_accelerator(config: TrainConfig):
 
     device = resolve_device(config.device)
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[compute_dtype(config.dtype, device)]
+    kwargs = {"cpu": device == "cpu", "mixed_precision": precision}
+    if config.report_to not in TRACKERS:
+        raise ConfigError(f"--report-to {config.report_to}: expected one of {', '.join(TRACKERS)}")
+    if config.report_to != "none":
+        from accelerate.utils import (
+            is_mlflow_available,
+            is_tensorboard_available,
+            is_trackio_available,
+            is_wandb_available,
+        )
+
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+                     "mlflow": is_mlflow_available, "trackio": is_trackio_available}[config.report_to]
+        if not available():
+            raise ConfigError(f"--report-to {config.report_to}: the package is not installed "
+                              f"(pip install {config.report_to})")
+        kwargs.update(log_with=config.report_to, project_dir=logging_dir(config))
     try:
-        return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+        return Accelerator(**kwargs)
     except ValueError:  # another library in this process (a transformers Trainer) fixed accelerate's state
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-        return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+        return Accelerator(**kwargs)
 
 
 def prepare_data(config: TrainConfig, acc):

@@ -398,3 +398,24 @@ def test_partial_folder_is_cleaned_on_a_fresh_run(tmp_path, scored, tiny_policy)
     train(config(scored, tmp_path / "out", tiny_policy, max_steps=1))
     assert not (tmp_path / "out.partial").exists() and (tmp_path / "out" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "out")
+
+
+def test_report_to_tensorboard_writes_each_steps_loss(tmp_path, scored, tiny_policy):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = sera("train", scored, "--policy", tiny_policy, "--lr", "1e-3", "--batch-size", "2", "--micro-batch", "2",
+             "--dtype", "float32", "--report-to", "tensorboard", "-o", str(tmp_path / "pi"), "-q")
+    assert r.exit_code == 0, r.output
+    events = list((tmp_path / "pi-runs").rglob("events.out.tfevents.*"))
+    assert events, list((tmp_path / "pi-runs").rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("loss")]
+    np.testing.assert_allclose(logged, losses(tmp_path / "pi"), rtol=1e-6)
+    assert len(logged) == 3  # 6 pairs, batch 2
+
+
+def test_report_to_a_wrong_tracker_is_one_line(tmp_path, scored, tiny_policy):
+    r = sera("train", scored, "--policy", tiny_policy, "--report-to", "neptune", "-o", str(tmp_path / "pi"))
+    assert r.exit_code == 2 and "is not one of none, tensorboard" in r.output and not (tmp_path / "pi").exists()

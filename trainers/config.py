@@ -52,6 +52,8 @@ class TrainConfig:
     length_sort: bool = True  # inside each step, micro-batches of similar length (trainers.batch_order)
     trust_remote_code: bool = False
     progress: bool = True
+    report_to: str = "none"  # an accelerate tracker: tensorboard, wandb, mlflow, trackio, or none
+    logging_dir: str | None = None  # the tracker's folder (None: <output>-runs beside the model folder)
 
     @property
     def spec(self) -> LossSpec:

@@ -56,6 +56,15 @@ def train_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    report_to: Annotated[str, typer.Option(
+        "--report-to", help="Log each step's loss, reward accuracy and learning rate to an experiment tracker "
+                            "through accelerate: tensorboard, wandb, mlflow, trackio or none (install its package; "
+                            "offline modes such as WANDB_MODE=offline work).",
+        callback=o.choice("--report-to", ("none", "tensorboard", "wandb", "mlflow", "trackio")),
+        metavar="TRACKER")] = "none",
+    logging_dir: Annotated[str | None, typer.Option(
+        "--logging-dir", help="The tracker's folder (default: OUTPUT-runs beside the model folder).",
+        metavar="DIR")] = None,
 ) -> None:
     """Train the policy one epoch with a direct alignment loss, reusing the reference log-probs of 'sera score'.
 
@@ -72,7 +81,8 @@ def train_command(
         epochs=epochs, max_steps=max_steps, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
         save_adapter=save_adapter, gradient_checkpointing=gradient_checkpointing, dtype=dtype, device=device,
         max_length=max_length, max_prompt_length=max_prompt_length, save_steps=save_steps, resume=resume,
-        overwrite=overwrite, live_ref=live_ref, trust_remote_code=trust_remote_code, progress=not quiet)
+        overwrite=overwrite, live_ref=live_ref, trust_remote_code=trust_remote_code, progress=not quiet,
+        report_to=report_to, logging_dir=logging_dir)
     summary = train(config)
     from accelerate import PartialState
 
