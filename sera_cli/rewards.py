@@ -8,6 +8,11 @@ def dpo_reward(logp_policy, logp_ref, beta: float):
     return beta * (logp_policy - logp_ref)
 
 
+def averaged_reward(logp_policy, logp_ref, ntok, beta: float):
+    """r(x, y) = beta / |y| * (log pi(y|x) - log pi_ref(y|x)): the length-averaged log-ratio IPO trains on."""
+    return beta * (logp_policy - logp_ref) / ntok
+
+
 def simpo_reward(logp_policy, ntok, beta: float):
     """r(x, y) = beta / |y| * log pi(y|x): reference-free, length-normalised (Meng et al. 2024)."""
     return beta * logp_policy / ntok

@@ -25,7 +25,7 @@ from sera_cli.console import console
 from sera_cli.contract import check_candidates, check_pairs, is_candidates, with_ids
 from sera_cli.errors import ConfigError, InputError, SeraError
 from sera_cli.io import STDIO, Inputs, check_writable, read_inputs, read_parquet, write_parquet
-from sera_cli.rewards import dpo_reward, ensemble_margin, reward_margin, simpo_reward
+from sera_cli.rewards import averaged_reward, dpo_reward, ensemble_margin, reward_margin, simpo_reward
 from sera_cli.score_config import ScoreConfig
 
 
@@ -51,8 +51,8 @@ class ScoreSummary:
 
 def validate(config: ScoreConfig) -> None:
     problems = []
-    if config.reward == "dpo" and not config.ref:
-        problems.append("--reward dpo needs --ref (the reference model is never taken silently from the policy)")
+    if config.reward != "simpo" and not config.ref:
+        problems.append(f"--reward {config.reward} needs --ref (the reference model is never taken silently from the policy)")
     if config.reward == "simpo" and config.ref:
         problems.append("--reward simpo is reference-free: drop --ref")
     if config.beta <= 0:
@@ -116,7 +116,7 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
     candidates = is_candidates(table)
     name = inputs.name if inputs else "<table>"
     roles = {"policy": resolve(config.policy)}
-    if config.reward == "dpo":
+    if config.reward != "simpo":
         roles["ref"] = resolve(config.ref)
     toks = {role: load_tokenizer(ref, config.trust_remote_code) for role, ref in roles.items()}
     if "ref" in toks:
@@ -170,6 +170,8 @@ def _columns(results: dict[str, tuple[np.ndarray, np.ndarray]], per_row: int, co
     ref = results["ref"][0] if "ref" in results else np.full_like(pol, np.nan)
     if config.reward == "dpo":
         reward = dpo_reward(pol, ref, config.beta)
+    elif config.reward == "ipo":
+        reward = averaged_reward(pol, ref, np.maximum(ntok, 1), config.beta)
     else:
         reward = simpo_reward(pol, np.maximum(ntok, 1), config.beta)
     truncated = np.array([e.truncated for e in enc], dtype=bool)

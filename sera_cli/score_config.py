@@ -14,7 +14,7 @@ class ScoreConfig:
     output: str
     policy: str
     ref: str | None = None
-    reward: Literal["dpo", "simpo"] = "dpo"
+    reward: Literal["dpo", "ipo", "simpo"] = "dpo"  # ipo: the dpo reward averaged per token
     beta: float = 0.1
     prev: str | None = None
     ensemble_lambda: float = 0.3

@@ -160,8 +160,8 @@ def test_config_problems_reported_together():
 
 def test_config_unknown_reward():
     with pytest.raises(Exception) as err:
-        GenerateConfig(("x",), "o.parquet", reward="ipo", score=True).check()
-    assert str(err.value) == "--reward ipo: expected dpo or simpo"
+        GenerateConfig(("x",), "o.parquet", reward="orpo", score=True).check()
+    assert str(err.value) == "--reward orpo: expected dpo, ipo or simpo"
 
 
 # ---------------------------------------------------------------------------------------------- the command

@@ -70,6 +70,26 @@ def test_simpo_is_reference_free(tmp_path, pairs_file, tiny_policy):
     np.testing.assert_allclose(d["reward_chosen"], 2 * np.array(d["logp_policy_chosen"]) / d["ntok_chosen"])
 
 
+def test_ipo_reward_is_the_length_averaged_log_ratio(tmp_path, pairs_file, tiny_policy, tiny_ref):
+    """The margin `sera run --loss ipo` selects on is the one IPO trains on: log-ratios divided by token counts."""
+    out = tmp_path / "ipo.parquet"
+    r = sera("score", pairs_file, "--policy", tiny_policy, "--ref", tiny_ref, "--reward", "ipo", "-o", str(out), "-q")
+    assert r.exit_code == 0, r.stderr
+    d = {k: np.array(v) for k, v in scored(out).to_pydict().items() if k.startswith(("logp", "ntok", "irm"))}
+    h = ((d["logp_policy_chosen"] - d["logp_ref_chosen"]) / d["ntok_chosen"]
+         - (d["logp_policy_rejected"] - d["logp_ref_rejected"]) / d["ntok_rejected"])
+    np.testing.assert_allclose(d["irm"], 0.1 * h, rtol=1e-6)
+    assert not np.allclose(d["ntok_chosen"], d["ntok_rejected"])  # the averaging changes the margin here
+
+
+def test_run_scores_with_the_reward_its_loss_trains_on():
+    from sera_cli.pipeline.config import RunConfig
+    from sera_cli.pipeline.loop import _reward
+
+    assert [_reward(RunConfig(loss=loss)) for loss in ("dpo", "ipo", "slic", "simpo", "cdpo", "rdpo")] == \
+        ["dpo", "ipo", "dpo", "simpo", "dpo", "dpo"]
+
+
 def test_stdout_pipeline(tmp_path, pairs_file, tiny_policy, tiny_ref):
     cmd = SERA + ["score", pairs_file, "--policy", tiny_policy, "--ref", tiny_ref, "-o", "-", "-q"]
     proc = subprocess.run(cmd, capture_output=True, check=True)

@@ -42,7 +42,7 @@ def generate_command(
     score: Annotated[bool, typer.Option("--score", help="Also score every response (as 'sera score' does): "
                                         "logp_policy, logp_ref, ntok, reward.")] = False,
     ref: o.RefOpt = None,
-    reward: Annotated[str, typer.Option("--reward", help="With --score: dpo (needs --ref) or simpo.")] = "dpo",
+    reward: Annotated[str, typer.Option("--reward", help="With --score: dpo (needs --ref), ipo (dpo averaged per token) or simpo.")] = "dpo",
     beta: o.BetaOpt = 0.1,
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,

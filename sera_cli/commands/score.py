@@ -15,7 +15,8 @@ def score_command(
     policy: o.PolicyOpt = "smollm2-135m",
     ref: o.RefOpt = None,
     reward: Annotated[str, typer.Option("--reward", help="dpo: beta*(log pi - log pi_ref), summed (Eq. 5); "
-                                        "simpo: beta/|y| * log pi, reference-free.")] = "dpo",
+                                        "ipo: the same averaged per token (the margin IPO trains on); simpo: beta/|y| * log pi, "
+                                        "reference-free.")] = "dpo",
     beta: o.BetaOpt = 0.1,
     prev: Annotated[str | None, typer.Option("--prev", help="Scored file of the previous iteration: "
                                              "irm = lambda*irm_prev + (1-lambda)*irm_now (Eq. 7), joined on id.")] = None,
@@ -47,8 +48,8 @@ def score_command(
     from sera_cli.score import score
     from sera_cli.score_config import ScoreConfig
 
-    if reward not in ("dpo", "simpo"):
-        raise ConfigError(f"--reward {reward}: expected dpo or simpo")
+    if reward not in ("dpo", "ipo", "simpo"):
+        raise ConfigError(f"--reward {reward}: expected dpo, ipo or simpo")
     if prev_missing not in ("error", "current"):
         raise ConfigError(f"--prev-missing {prev_missing}: expected error or current")
     config = ScoreConfig(inputs=tuple(inputs), output=output, policy=policy, ref=ref, reward=reward, beta=beta,

@@ -37,7 +37,7 @@ class GenerateConfig:
     # --score: the implicit reward of every candidate, right after generation
     score: bool = False
     ref: str | None = None
-    reward: Literal["dpo", "simpo"] = "dpo"
+    reward: Literal["dpo", "ipo", "simpo"] = "dpo"
     beta: float = 0.1
     max_length: int | None = MAX_LENGTH
     max_prompt_length: int | None = MAX_PROMPT_LENGTH
@@ -56,8 +56,8 @@ class GenerateConfig:
         p = []
         if self.engine not in ENGINES:
             p.append(f"--engine {self.engine}: expected one of {', '.join(ENGINES)}")
-        if self.reward not in ("dpo", "simpo"):
-            p.append(f"--reward {self.reward}: expected dpo or simpo")
+        if self.reward not in ("dpo", "ipo", "simpo"):
+            p.append(f"--reward {self.reward}: expected dpo, ipo or simpo")
         if self.n < 1:
             p.append(f"--n must be >= 1 (got {self.n})")
         if self.temperature < 0:
@@ -79,8 +79,9 @@ class GenerateConfig:
             p.append(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= i < n")
         if self.resume and self.output == "-":
             p.append("--resume needs a file output (-o FILE), not stdout")
-        if self.score and self.reward == "dpo" and not self.ref:
-            p.append("--score with --reward dpo needs --ref (the reference model is never the policy by default)")
+        if self.score and self.reward in ("dpo", "ipo") and not self.ref:
+            p.append(f"--score with --reward {self.reward} needs --ref (the reference model is never the policy by "
+                     "default)")
         if not self.score and self.ref:
             p.append("--ref is used only with --score")
         if p:

@@ -53,7 +53,12 @@ def model_spec(lay: Layout, config: RunConfig, t: int) -> str:
 
 
 def _reward(config: RunConfig) -> str:
-    return "simpo" if config.loss == "simpo" else "dpo"
+    """The implicit reward whose margin selects pairs: the one the run's loss trains on (`trainers.losses`):
+    reference-free for SimPO, length-averaged for IPO, summed otherwise."""
+    from trainers.losses import LOSSES
+
+    spec = LOSSES[config.loss]
+    return "simpo" if not spec.needs_ref else "ipo" if spec.average_logps else "dpo"
 
 
 def _score_settings(config: RunConfig, **extra: Any) -> dict[str, Any]:
@@ -65,7 +70,7 @@ def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: P
                  title: str, prev: Path | None = None) -> Stage:
     from sera_cli.score_config import ScoreConfig
 
-    use_ref = _reward(config) == "dpo"
+    use_ref = _reward(config) != "simpo"
     sc = ScoreConfig(inputs=(str(data),), output=str(output), policy=policy, ref=ref if use_ref else None,
                      reward=_reward(config), beta=config.beta, prev=str(prev) if prev else None,
                      ensemble_lambda=config.ensemble_lambda, prev_missing="current", dtype=config.dtype,
