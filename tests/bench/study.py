@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 SHARED = Path(os.environ.get("SERA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 METHODS = ("dpo", "iterative-dpo", "sera-select", "sera", "sera-select-xfit", "cdpo", "rdpo")
-ORDER = ("dpo", "iterative-dpo", "sera", "sera-select", "cdpo", "rdpo", "sera-select-xfit")  # if time runs out
+ORDER = ("dpo", "iterative-dpo", "sera-select", "sera", "cdpo", "rdpo", "sera-select-xfit")  # if time runs out
 ITER1_SHARED = ("iterative-dpo", "sera-select", "sera", "sera-select-xfit")  # iteration 1 = the dpo run
 
 
