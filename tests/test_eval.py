@@ -435,3 +435,19 @@ def test_run_with_eval_judges_each_iteration_and_skips_when_up_to_date(tmp_path,
 def test_eval_help_has_an_example():
     r = CliRunner().invoke(app, ["eval", "--help"])
     assert r.exit_code == 0 and "Example: sera eval " in r.stdout
+
+
+def test_prefilled_local_judge_completes_parseable_verdicts(tmp_path, questions_file, smol):
+    """SmolLM2-135M as judge: with its reply prefilled with '[[' every judgment is text the parser reads (the
+    prefill is part of it), and the prefill is part of the judge's identity (no cached judgment is reused)."""
+    answers = answers_file(tmp_path, {"pol": ["Paris is the capital of France.", "4", "Blue.", "Yes."],
+                                      "sft": ["I don't know.", "five", "Red, maybe.", "No idea."]})
+    base = dict(policies=("pol",), baseline="sft", prompts=questions_file, answers=answers, judge="smollm2-135m",
+                judge_max_tokens=4, progress=False)
+    evaluate(EvalConfig(**base, output_dir=str(tmp_path / "out"), judge_prefill="[["))
+    rows = pq.read_table(tmp_path / "out" / "judgments.parquet").to_pylist()
+    assert len(rows) == 2 * len(QUESTIONS) and all(r["judge_text"].startswith("[[") for r in rows)
+    parsed = [r for r in rows if r["verdict"] is not None]
+    assert len(parsed) >= len(rows) // 2, [r["judge_text"] for r in rows]  # measured: 6 of 8, all "[[A]]"
+    assert all(r["error"] for r in rows if r["verdict"] is None)  # counted as unparseable, never guessed
+    assert all("prefilled '[['" in r["judge"] for r in rows)

@@ -39,6 +39,9 @@ def eval_command(
                                                   min=1)] = 512,
     judge_batch_size: Annotated[int, typer.Option("--judge-batch-size", help="Local judge: prompts per generate "
                                                   "call; each finished batch is cached.", min=1)] = 16,
+    judge_prefill: Annotated[str, typer.Option("--judge-prefill", help="Local judge: start its reply with this "
+                                               "text (e.g. '[[' so a small judge completes a verdict); the "
+                                               "verdict is still parsed from the reply.", metavar="TEXT")] = "",
     mode: Annotated[str, typer.Option("--mode", help="pairwise (win rate against --baseline, both answer "
                                       "orders) or single (1-10 grade).")] = "pairwise",
     turns: Annotated[str, typer.Option("--turns", help="first, or all (MT-bench's second turn is judged too, "
@@ -79,7 +82,8 @@ def eval_command(
         policies=tuple(policy), prompts=prompts, output_dir=output_dir, baseline=baseline, mode=mode, turns=turns,
         answers=answers, judge=judge, judge_url=judge_url, judge_model=judge_model,
         judge_api_key_env=judge_api_key_env, judge_concurrency=judge_concurrency, judge_retries=judge_retries,
-        judge_timeout=judge_timeout, judge_max_tokens=judge_max_tokens, judge_batch_size=judge_batch_size, temperature=temperature,
+        judge_timeout=judge_timeout, judge_max_tokens=judge_max_tokens, judge_batch_size=judge_batch_size,
+        judge_prefill=judge_prefill, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, engine=engine, dtype=dtype, device=device, batch_size=batch_size,
         bootstrap=bootstrap, trust_remote_code=trust_remote_code, progress=not quiet and not json_out)
     result = evaluate(config)

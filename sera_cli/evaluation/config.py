@@ -30,6 +30,7 @@ class EvalConfig:
     judge_backoff: float = 1.0  # seconds before the first retry; doubled at each retry
     judge_max_tokens: int = 512
     judge_batch_size: int = 16  # local judge: prompts per generate call (and per cache commit)
+    judge_prefill: str = ""  # local judge: the start of its reply (e.g. "[[")
     # answer generation (the generate stage's engines)
     temperature: float = 0.0
     max_new_tokens: int = 512
@@ -63,6 +64,8 @@ class EvalConfig:
             p.append("--judge-url needs --judge-model (the model name the endpoint serves)")
         elif not self.judge_url and not self.judge:
             p.append("give a judge: --judge MODEL (local) or --judge-url URL --judge-model NAME")
+        if self.judge_prefill and self.judge_url:
+            p.append("--judge-prefill applies to a local judge (--judge), not to --judge-url")
         if self.judge_model and not self.judge_url:
             p.append("--judge-model is used only with --judge-url")
         if self.judge_url and not self.judge_url.startswith(("http://", "https://")):

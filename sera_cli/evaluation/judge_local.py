@@ -4,6 +4,10 @@ The judge prompt goes through the model's chat template (a judge needs one: the 
 and a user message); templates that refuse a system message get it prepended to the user message. Generation
 uses the `generate` stage's transformers engine in greedy mode, batched, and each finished batch is handed back
 at once so the caller can cache it.
+
+`prefill` starts the judge's reply with fixed text (e.g. `[[` for pairwise verdicts): a small judge that would
+otherwise ramble then completes the verdict. The prefill is part of the returned text, so the verdict is still
+parsed from what the judge's reply reads, and part of the judge's identity, so cached judgments never mix.
 """
 
 from __future__ import annotations
@@ -18,18 +22,20 @@ class LocalJudge:
     kind = "local"
 
     def __init__(self, spec: str, *, max_tokens: int, batch_size: int = 16, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False):
+                 device: str = "auto", trust_remote_code: bool = False, prefill: str = ""):
         from sera_cli.models import resolve
 
         self.ref = resolve(spec)
         self.spec, self.max_tokens, self.batch_size = spec, max_tokens, batch_size
         self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
-        self.name = spec
+        self.prefill = prefill
+        self.name = f"{spec} (reply prefilled {prefill!r})" if prefill else spec
         self._engine = self._tok = None
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.spec, "fingerprint": self.ref.fingerprint,
-                "max_tokens": self.max_tokens, "decoding": "greedy"}
+        ident = {"kind": self.kind, "model": self.spec, "fingerprint": self.ref.fingerprint,
+                 "max_tokens": self.max_tokens, "decoding": "greedy"}
+        return {**ident, "prefill": self.prefill} if self.prefill else ident
 
     def _load(self) -> None:
         from sera_cli.generation.engine_hf import HFEngine
@@ -53,7 +59,7 @@ class LocalJudge:
         except Exception:  # a template that rejects the system role: fold it into the user turn
             merged = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
             text = tok.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(text + self.prefill, add_special_tokens=False)["input_ids"]
         if self.context and len(ids) + self.max_tokens > self.context:
             raise ModelError(f"judge {self.spec}: a judge prompt has {len(ids):,} tokens; with --judge-max-tokens "
                              f"{self.max_tokens} that exceeds its context of {self.context:,} (lower "
@@ -72,4 +78,4 @@ class LocalJudge:
             out = self._engine.generate(reqs)
             for i, samples in zip(idx, out, strict=True):
                 ids, _ = trim(samples[0], self.stops, self.max_tokens)
-                on_result(i, self._tok.decode(ids, skip_special_tokens=True))
+                on_result(i, self.prefill + self._tok.decode(ids, skip_special_tokens=True))

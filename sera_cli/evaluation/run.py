@@ -79,7 +79,8 @@ def make_judge(config: EvalConfig):
     from sera_cli.evaluation.judge_local import LocalJudge
 
     return LocalJudge(config.judge, max_tokens=config.judge_max_tokens, batch_size=config.judge_batch_size,
-                      dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+                      dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code,
+                      prefill=config.judge_prefill)
 
 
 def collect_answers(config: EvalConfig, questions: list[Question], cache: Path
