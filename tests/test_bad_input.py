@@ -382,6 +382,9 @@ CASES: list[Case] = [
        r"ro/irm\.png.*(permission|read-only)", readonly=True),
     _c("inspect-plot-is-input", "inspect scored.parquet --plot scored.parquet", [SCORED],
        r"scored\.parquet.*(input|\.png)"),
+    # --- export
+    _c("export-output-is-input", "export trl scored.parquet -o scored.parquet", [SCORED], r"scored\.parquet.*input"),
+    _c("export-unknown-target", "export csv scored.parquet -o o.parquet", [SCORED], r"csv.*not an export target"),
     # --- sql
     _c("sql-copy-to", ["sql", "COPY (SELECT 1) TO 'leak.csv'", "scored.parquet"], [SCORED], SQL_LOCKED),
     _c("sql-explain-analyze-copy", ["sql", "EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO 'scored.parquet'",
@@ -582,7 +585,7 @@ def test_cases_cover_every_command():
     covered = {c.argv[0] for c in CASES}
     from sera_cli.app import COMMANDS
 
-    assert set(COMMANDS) <= covered
+    assert {m.__name__.rsplit(".", 1)[-1] for m in COMMANDS} <= covered
 
 
 def test_no_progress_bar_when_not_a_tty(models, tmp_path, zygote):
