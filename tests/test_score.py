@@ -275,8 +275,8 @@ def test_bad_empty_and_truncated_files(tmp_path, tiny_policy):
 def test_bad_missing_model(tmp_path, tiny_policy):
     missing = str(tmp_path / "no-such-model")
     err, _ = _bad(tmp_path, standard_table(), policy=tiny_policy, ref=missing)
-    assert err == (f"error: {missing}: no such model folder or file (give a Hugging Face folder, a .gguf file, "
-                   "a PEFT adapter folder or 'smollm2-135m')\n")
+    assert err == (f"error: {missing}: no such model folder or file (give a Hugging Face folder or Hub id, a "
+                   ".gguf file, a PEFT adapter folder or 'smollm2-135m')\n")
 
 
 def test_bad_tokenizer_mismatch(tmp_path, tiny_policy, tiny_ref):
