@@ -40,16 +40,21 @@ class PromptState:
         return self.kv.shape[3]
 
 
+def left_pad(prompts: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [len(prompts), longest], padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for k, p in enumerate(prompts):
+        ids[k, width - len(p):] = torch.tensor(p)
+        mask[k, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _prompt_batch(decoder, prompts: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """One left-padded prompt batch through the decoder: keys and values [layers, 2, B, kv_heads, L, head_dim],
     the attention mask [B, L] and each prompt's last hidden state [B, hidden]."""
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), L), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p)
-        att[b, L - len(p):] = 1
-    ids, att = ids.to(device), att.to(device)
+    ids, att = left_pad(prompts, pad_id, device)
     out = decoder(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
                   use_cache=True)
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sera_cli.generation.sampling import Request, row_seed, uniforms
-from trainers.prefix_sharing import cache_kwarg
+from trainers.prefix_sharing import cache_kwarg, left_pad
 
 # Candidates tried before a full sort of the vocabulary: a sort of 64 x 49,152 probabilities costs more than a
 # forward pass of a 135M model on 2 CPU cores, and a trained model's top-p nucleus is usually far smaller.
@@ -167,17 +167,6 @@ class HFEngine:
             logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
                                 **{self._cache_kwarg: cache}).logits[:, -1]
         return torch.stack(steps, dim=1).tolist()
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask [len(prompts), longest], padded on the left."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for k, p in enumerate(prompts):
-        ids[k, width - len(p):] = torch.tensor(p)
-        mask[k, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def preallocated(prefill, rows: torch.Tensor, room: int):

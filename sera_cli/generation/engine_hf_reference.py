@@ -62,7 +62,7 @@ def generate_rows(model, pad_id: int, prompts: list[list[int]], seeds: list[int]
     """One batched `model.generate` call, row k continuing prompts[k] with seed seeds[k]."""
     from transformers import LogitsProcessorList
 
-    from sera_cli.generation.engine_hf import left_pad
+    from trainers.prefix_sharing import left_pad
 
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
