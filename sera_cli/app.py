@@ -22,7 +22,7 @@ app = typer.Typer(
     help="Curate preference data with SeRA: score implicit rewards, select pairs, bootstrap, mix and train.\n\n"
          "Every stage reads and writes Parquet ('-' is stdin/stdout), so stages chain in shell pipelines.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -38,7 +38,8 @@ def guarded(fn: Callable) -> Callable:
         except SeraError as err:
             if os.environ.get("SERA_DEBUG") == "1":
                 raise
-            sys.stderr.write(f"error: {err}\n")
+            if not getattr(err, "silent", False):  # another rank of a launch prints the one line
+                sys.stderr.write(f"error: {err}\n")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             sys.stderr.write("interrupted: no output was written; rerun with --resume to keep finished work\n")

@@ -165,7 +165,7 @@ class ChunkStore:
             else:
                 import pyarrow.parquet as pq
 
-                pq.write_table(data.replace_schema_metadata({_KEY: key}), tmp)
+                pq.write_table(data.replace_schema_metadata({**(data.schema.metadata or {}), _KEY: key}), tmp)
 
     def finish(self) -> None:
         """The work is done (or failed in a way a resume would repeat): remove the chunks and, on leaving, the
@@ -181,8 +181,9 @@ def _read(path: Path) -> tuple[Any, str | None]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    key = (table.schema.metadata or {}).get(_KEY.encode())
-    return table.replace_schema_metadata(None), key.decode() if key else None
+    meta = dict(table.schema.metadata or {})
+    key = meta.pop(_KEY.encode(), None)  # other metadata (a chunk's provenance) stays with the table
+    return table.replace_schema_metadata(meta or None), key.decode() if key else None
 
 
 def _entries(folder: Path) -> list[Path]:

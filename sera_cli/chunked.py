@@ -19,11 +19,13 @@ class ChunkedLogps:
     For each model (role), each chunk's log-probs are saved in the chunk store as soon as they are done, keyed by
     the role's log-prob identity (model fingerprint, template, lengths, dtype) and the chunk's token ids; a chunk
     saved with that key is not recomputed (resume). With `--low-memory`, models run one after the other.
+    `loaded` (the caller's dict, by model path) keeps loaded models for the caller's next run.
     """
 
     def __init__(self, config: ScoreConfig, store: ChunkStore, n_rows: int, seqs, per_row: int,
-                 identities: dict[str, Any]):
+                 identities: dict[str, Any], loaded: dict[str, Any] | None = None):
         self.config, self.seqs, self.per_row, self.identities = config, seqs, per_row, identities
+        self.loaded = loaded
         self.store = store
         self.n_chunks = -(-n_rows // config.chunk_rows)
         self.computed = self.cached = self.resumed = self.tokens = self.sequences_done = 0
@@ -123,5 +125,11 @@ class ChunkedLogps:
         from sera_cli.models import load_model, load_tokenizer
 
         self._pad_id = load_tokenizer(ref, self.config.trust_remote_code).pad_token_id
+        key = f"{ref.path}|{ref.adapter}|{ref.fingerprint}"
+        if self.loaded is not None and key in self.loaded:
+            return self.loaded[key]
         with console.status(f"Loading {ref.spec}"):
-            return load_model(ref, self.config.dtype, self.config.device, self.config.trust_remote_code)
+            model = load_model(ref, self.config.dtype, self.config.device, self.config.trust_remote_code)
+        if self.loaded is not None:
+            self.loaded[key] = model
+        return model

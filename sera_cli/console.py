@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 from rich.console import Console
 from rich.live import Live
+from rich.progress import Progress as RichProgress
 
 
 class _Console(Console):
@@ -22,46 +27,37 @@ console = _Console(stderr=True, highlight=False)
 
 def log_every() -> float:
     """Seconds between progress lines when stderr is not a terminal ($SERA_LOG_EVERY, default 30)."""
-    import os
-
     try:
         return max(0.0, float(os.environ.get("SERA_LOG_EVERY", "30")))
     except ValueError:
         return 30.0
 
 
-def Progress(*columns, **kwargs):  # noqa: N802  (stands in for rich's class)
+class Progress(RichProgress):
     """rich's Progress on a terminal; elsewhere (a log file, a scheduler, `nohup`) the same bar, which draws
     nothing, plus one plain line per task every `log_every()` seconds, so a long job is never silent."""
-    import sys
-    import time
 
-    from rich.progress import Progress as RichProgress
+    def __init__(self, *columns, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self._every, self._last = log_every(), {}
 
-    class _Logged(RichProgress):
-        def __init__(self, *cols, **kw):
-            super().__init__(*cols, **kw)
-            self._every, self._last = log_every(), {}
+    def update(self, task_id, **kw) -> None:
+        super().update(task_id, **kw)
+        if self.console.is_terminal or self.disable:
+            return
+        now = time.monotonic()
+        last = self._last.setdefault(task_id, now)
+        if now - last < self._every:
+            return
+        self._last[task_id] = now
+        task = self._tasks[task_id]
+        done = f"{task.completed:,.0f}/{task.total:,.0f}" if task.total else f"{task.completed:,.0f}"
+        pct = f" ({100 * task.completed / task.total:.0f}%)" if task.total else ""
+        eta = f", about {task.time_remaining:,.0f} s left" if task.time_remaining else ""
+        extra = "  ".join(f"{k} {v}" for k, v in task.fields.items() if v not in ("", "-", None))
+        sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {task.description}: {done}{pct}, "
+                         f"{task.elapsed or 0:,.0f} s{eta}{'  ' + extra if extra else ''}\n")
+        sys.stderr.flush()
 
-        def update(self, task_id, **kw):
-            super().update(task_id, **kw)
-            if self.console.is_terminal or self.disable:
-                return
-            now = time.monotonic()
-            last = self._last.setdefault(task_id, now)
-            if now - last < self._every:
-                return
-            self._last[task_id] = now
-            task = self._tasks[task_id]
-            done = f"{task.completed:,.0f}/{task.total:,.0f}" if task.total else f"{task.completed:,.0f}"
-            pct = f" ({100 * task.completed / task.total:.0f}%)" if task.total else ""
-            eta = f", about {task.time_remaining:,.0f} s left" if task.time_remaining else ""
-            extra = "  ".join(f"{k} {v}" for k, v in task.fields.items() if v not in ("", "-", None))
-            sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {task.description}: {done}{pct}, "
-                             f"{task.elapsed or 0:,.0f} s{eta}{'  ' + extra if extra else ''}\n")
-            sys.stderr.flush()
-
-        def advance(self, task_id, advance: float = 1) -> None:
-            self.update(task_id, advance=advance)
-
-    return _Logged(*columns, **kwargs)
+    def advance(self, task_id, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)

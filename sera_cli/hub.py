@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from sera_cli.errors import ModelError
+from sera_cli.errors import ConfigError, ModelError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -24,6 +24,23 @@ def is_hub_id(spec: str) -> bool:
 def split_revision(spec: str) -> tuple[str, str | None]:
     repo, _, revision = spec.partition("@")
     return repo, revision or None
+
+
+def with_revision(spec: str | None, revision: str | None, flag: str = "--revision",
+                  model_flag: str = "--policy") -> str | None:
+    """`spec` with `revision` as its `@revision` suffix: `--policy org/name --revision v1` is `org/name@v1`.
+    Both naming different revisions, or a revision for a model that is not a Hub id, is an error."""
+    if revision is None:
+        return spec
+    if spec is None:
+        raise ConfigError(f"{flag} {revision} needs {model_flag} (a Hub id, org/name)")
+    if not is_hub_id(spec):
+        raise ConfigError(f"{flag} {revision}: {model_flag} {spec} is not a Hub id (org/name); a revision names a "
+                          "branch, tag or commit of a Hub model")
+    repo, suffix = split_revision(spec)
+    if suffix is not None and suffix != revision:
+        raise ConfigError(f"{model_flag} {spec} names revision {suffix} and {flag} names {revision}: give one")
+    return f"{repo}@{revision}"
 
 
 def offline() -> bool:

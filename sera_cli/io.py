@@ -59,7 +59,7 @@ def expand(specs: list[str]) -> list[str]:
     for spec in specs:
         if spec == STDIO:
             paths.append(spec)
-        elif any(ch in spec for ch in "*?["):
+        elif any(ch in spec for ch in "*?[") and not _dataset_name(spec):
             found = sorted(glob.glob(spec))
             if not found:
                 raise InputError(spec, "no file matches this pattern")
@@ -71,9 +71,15 @@ def expand(specs: list[str]) -> list[str]:
     return paths
 
 
+def _dataset_name(spec: str) -> bool:
+    from sera_cli.hub_data import is_dataset_name
+
+    return is_dataset_name(spec)  # 'org/name:train[:100]' is a split's slice, not a glob
+
+
 def read_parquet(path: str) -> pa.Table:
-    """One Parquet file (or stdin for '-'), an `.arrow` file or a `datasets` `save_to_disk` folder, with a
-    one-line error for anything unreadable."""
+    """One Parquet file (or stdin for '-'), an `.arrow` file, a `datasets` `save_to_disk` folder or a Hub dataset
+    name (`sera_cli.hub_data`), with a one-line error for anything unreadable."""
     name = "<stdin>" if path == STDIO else path
     try:
         if path == STDIO:
@@ -82,6 +88,10 @@ def read_parquet(path: str) -> pa.Table:
                 raise InputError(name, "standard input is empty", hint="pipe a Parquet file into it")
             return pq.read_table(io.BytesIO(data))
         if not os.path.exists(path):
+            from sera_cli.hub_data import is_dataset_name, read_dataset
+
+            if is_dataset_name(path):
+                return read_dataset(path)
             raise InputError(name, "no such file")
         if os.path.isdir(path):
             from sera_cli.arrow_data import is_dataset_folder, read_dataset_folder

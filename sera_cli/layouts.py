@@ -6,6 +6,10 @@
 - ultrafeedback: message lists in `chosen`/`rejected` (the prompt as their common leading messages, or in
   `prompt`), as in UltraFeedback binarized.
 - plain: string `prompt`, `chosen`, `rejected`.
+- implicit: TRL's implicit-prompt form, `chosen` and `rejected` alone, both beginning with the prompt. For
+  strings the prompt ends after the last "\n\nAssistant:" of their common beginning (HH-RLHF's form), else
+  at their longest common prefix less a trailing space (TRL's `extract_prompt`); message lists are read as
+  ultrafeedback. A row whose two texts share no beginning is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ EMPTY_RESPONSE = "with an empty response"
 EMPTY_TURN = "with an empty earlier turn"
 NO_PROMPT = "with no prompt"
 NOT_HH = "that do not start with a Human turn"
+NO_SHARED_PROMPT = "whose chosen and rejected share no prompt"
 
 
 class Skip(Exception):
@@ -111,9 +116,39 @@ def plain_row(rec: dict[str, Any], fmt: str) -> Row:
     return prompt, chosen, rejected
 
 
+def prompt_end(chosen: str, rejected: str) -> int:
+    """Where the prompt that two texts begin with ends: after the last "\n\nAssistant:" of their common
+    beginning, else at their longest common prefix, less a trailing space (as TRL's `extract_prompt`)."""
+    k, n = 0, min(len(chosen), len(rejected))
+    while k < n and chosen[k] == rejected[k]:
+        k += 1
+    marker = chosen.rfind(MARKER, 0, k)
+    if marker >= 0:
+        return marker + len(MARKER)
+    return k - 1 if k and chosen[k - 1] == " " else k
+
+
+def implicit_row(rec: dict[str, Any], fmt: str) -> Row:
+    """A prompt and two responses from `chosen`/`rejected` that both begin with the prompt (TRL's implicit form)."""
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    if isinstance(chosen, list):
+        return messages_row({"chosen": chosen, "rejected": rejected}, fmt)
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise TypeError("implicit rows hold strings or message lists")
+    k = prompt_end(chosen, rejected)
+    prompt, c, r = chosen[:k], chosen[k:], rejected[k:]
+    if not prompt.strip():
+        raise Skip(NO_SHARED_PROMPT)
+    if not c.strip() or not r.strip():
+        raise Skip(EMPTY_RESPONSE)
+    if fmt == "conversational" and prompt.endswith(MARKER):
+        return hh_dialogue(prompt), assistant(c.strip()), assistant(r.strip())
+    return prompt, c, r
+
+
 READERS: dict[str, Callable[[dict[str, Any], str], Row]] = {
-    "hh": hh_row, "ultrafeedback": messages_row, "plain": plain_row}
-NATURAL = {"hh": "conversational", "ultrafeedback": "conversational", "plain": "standard"}
+    "hh": hh_row, "ultrafeedback": messages_row, "plain": plain_row, "implicit": implicit_row}
+NATURAL = {"hh": "conversational", "ultrafeedback": "conversational", "plain": "standard", "implicit": "standard"}
 
 
 def detect(file: str, rec: dict[str, Any]) -> str:
@@ -128,6 +163,12 @@ def detect(file: str, rec: dict[str, Any]) -> str:
         return "plain"
     if isinstance(rec["chosen"], str) and MARKER in rec["chosen"]:
         return "hh"
+    if isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str):
+        if rec["chosen"][:prompt_end(rec["chosen"], rec["rejected"])].strip():
+            return "implicit"
+        raise InputError(file, "has no 'prompt' column, and its chosen and rejected share no prompt (they do not "
+                         "begin with the same text)", row=0, column="chosen",
+                         hint="give the prompt in a 'prompt' column")
     raise InputError(file, "has no 'prompt' column and no HH dialogue turns ('\\n\\nAssistant:')", row=0,
                      column="chosen")
 

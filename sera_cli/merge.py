@@ -20,7 +20,7 @@ from sera_cli.errors import InputError
 # input by content, so their paths may differ between machines.
 RUN_ONLY = frozenset({"inputs", "output", "shard", "resume", "progress", "cache", "device", "batch_tokens",
                       "low_memory", "batch_size", "tensor_parallel_size", "gpu_memory_utilization",
-                      "enforce_eager", "policy", "ref", "prev", "extra"})
+                      "enforce_eager", "policy", "ref", "prev", "extra", "ray_address", "ray_actors"})
 _HINT = "merge only the outputs of one 'sera score --shard i/n' or 'sera generate --shard i/n' job"
 
 
@@ -113,13 +113,24 @@ def _recorded_rows(prov: dict[str, Any]) -> int | None:
 
 def merge(config: MergeConfig) -> MergeSummary:
     """Check the shards (see the module docstring), concatenate them in order, write with provenance."""
-    from sera_cli import lineage, provenance
-    from sera_cli.io import STDIO, check_writable, expand, read_parquet, write_parquet
+    from sera_cli import provenance
+    from sera_cli.io import STDIO, check_writable, expand, write_parquet
 
     paths = expand(list(config.shards))
     if STDIO in paths:
         raise InputError("<stdin>", "sera merge reads shard files, not standard input", hint="give the file names")
     check_writable(config.output, paths)
+    table, prov = merged(paths, config.as_dict())
+    write_parquet(provenance.attach(table, prov), config.output)
+    return MergeSummary(prov["job"]["stage"], len(prov["parents"]), table.num_rows, config.output)
+
+
+def merged(paths: list[str], settings: dict[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """The shards' rows in shard order and the merged file's provenance, after every check; `settings` is what
+    the provenance records as the merge's own config."""
+    from sera_cli import lineage, provenance
+    from sera_cli.io import read_parquet
+
     parents: dict[str, dict[str, Any]] = {}
     for path in paths:
         found = lineage.of_file(path)
@@ -147,7 +158,6 @@ def merge(config: MergeConfig) -> MergeSummary:
     first = parents[order[0]]
     job = {k: v for k, v in first.items() if k in ("stage", "config", "models", "logps", "engine", "sampling")}
     job["config"] = {**job.get("config", {}), "shard": None}
-    prov = provenance.record("merge", config.as_dict(), job=job, logps=first.get("logps"),
+    prov = provenance.record("merge", settings or {"shards": paths}, job=job, logps=first.get("logps"),
                              models=first.get("models"), rows=table.num_rows, parents=[parents[p] for p in order])
-    write_parquet(provenance.attach(table, prov), config.output)
-    return MergeSummary(first["stage"], len(order), table.num_rows, config.output)
+    return table, prov

@@ -66,8 +66,9 @@ def read_records(path: str) -> list[dict[str, Any]]:
     """The rows of one file as dicts; row numbers in errors are 0-based line (JSONL) or record indices."""
     name = path.removesuffix(".gz")
     from sera_cli.arrow_data import is_dataset_folder
+    from sera_cli.hub_data import is_dataset_name
 
-    if name.endswith((".parquet", ".arrow")) or is_dataset_folder(path):
+    if name.endswith((".parquet", ".arrow")) or is_dataset_folder(path) or is_dataset_name(path):
         from sera_cli.io import read_parquet
 
         rows = read_parquet(path).to_pylist()

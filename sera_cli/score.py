@@ -63,12 +63,39 @@ def validate(config: ScoreConfig) -> None:
         problems.append(f"--shard {config.shard[0]}/{config.shard[1]}: need 0 <= i < n")
     if config.resume and config.output == STDIO:
         problems.append("--resume needs a file output (-o FILE), not stdout")
+    if config.ray_actors is not None and config.ray_actors < 1:
+        problems.append(f"--ray-actors must be >= 1 (got {config.ray_actors})")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
 def score(config: ScoreConfig) -> ScoreSummary:
-    """Read the inputs, score them, write the output atomically."""
+    """Read the inputs, score them, write the output atomically. Under a launcher of N processes, each scores
+    its shard and the first merges them (`sera_cli.launch`)."""
+    from sera_cli.launch import ranked, world
+
+    validate(config)
+    if (w := world()).size > 1:
+        return ranked(_score, config, "score", w)
+    return _score(config)
+
+
+def _score(config: ScoreConfig) -> ScoreSummary:
+    inputs, table, start, shard = prepared(config)
+    with ChunkStore(config.output, "score", config.resume) as store:
+        try:
+            out, summary = score_table(table, config, inputs=inputs, row_offset=start, shard=shard, store=store)
+        except SeraError:  # deterministic failures: resuming would fail the same way, so keep nothing
+            store.finish()
+            raise
+        write_parquet(out, config.output)
+        store.finish()
+    return summary
+
+
+def prepared(config: ScoreConfig) -> tuple[Inputs, pa.Table, int, dict[str, Any] | None]:
+    """The checked inputs, the rows to score (this shard's, with `id`), where they start in the inputs, and the
+    shard's record; settings and inputs are checked before any model is loaded."""
     validate(config)
     inputs = read_inputs(list(config.inputs))
     candidates = is_candidates(inputs.table)
@@ -82,28 +109,20 @@ def score(config: ScoreConfig) -> ScoreSummary:
         from sera_cli.hashing import file_digest
 
         shard["prev"] = file_digest(config.prev)
-    table = full.slice(start, stop - start)
-    with ChunkStore(config.output, "score", config.resume) as store:
-        try:
-            out, summary = score_table(table, config, inputs=inputs, row_offset=start, shard=shard, store=store)
-        except SeraError:  # deterministic failures: resuming would fail the same way, so keep nothing
-            store.finish()
-            raise
-        write_parquet(out, config.output)
-        store.finish()
-    return summary
+    return inputs, full.slice(start, stop - start), start, shard
 
 
 def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = None,
                 row_offset: int = 0, shard: dict[str, Any] | None = None,
-                store: ChunkStore | None = None) -> tuple[pa.Table, ScoreSummary]:
+                store: ChunkStore | None = None, models: dict[str, Any] | None = None) -> tuple[pa.Table, ScoreSummary]:
     """Score a validated pairs or candidates table (with `id`); returns the table with provenance attached.
     Its parents are the input files (`inputs`), else the table's own provenance (generate --score).
     Finished chunks go to `store` (the caller's, held open); without one, the output's score chunk store is
-    opened here and emptied once the table is scored."""
+    opened here and emptied once the table is scored. `models` (a dict the caller keeps) holds the loaded
+    models from one call to the next (a Ray actor's, `ray_stages`)."""
     if store is None:
         with ChunkStore(config.output, "score", config.resume) as own:
-            scored = score_table(table, config, inputs, row_offset, shard, own)
+            scored = score_table(table, config, inputs, row_offset, shard, own, models)
             own.finish()
             return scored
     from sera_cli import lineage
@@ -136,7 +155,7 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
     dtype = resolved_dtype(config.dtype, config.device)  # 'auto' is recorded as what it stands for
     identities = {role: logp_identity(ref, toks[role], config.max_length, config.max_prompt_length, dtype)
                   for role, ref in roles.items()}
-    work = ChunkedLogps(config, store, table.num_rows, seqs, per_row, identities)
+    work = ChunkedLogps(config, store, table.num_rows, seqs, per_row, identities, models)
     results = work.run(roles)
 
     cols = _columns(results, per_row, config, enc)

@@ -32,6 +32,9 @@ class ScoreConfig:
     trust_remote_code: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    # --ray / --ray-address: the chunks are scored by an actor pool on a Ray cluster (`ray_stages`)
+    ray_address: str | None = None  # "local": the Ray of this machine (joined, else started); "auto", "ray://..."
+    ray_actors: int | None = None  # None: one per GPU of the cluster, else 2
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

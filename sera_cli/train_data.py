@@ -1,11 +1,13 @@
 """What `sera train` feeds the trainer: the pairs read, checked and tokenized, and the reference log-probs.
 
 Reference log-probs come, in order of preference, from the input (columns `logp_ref_chosen` and
-`logp_ref_rejected` written by `sera score`, when their provenance names the same model and settings as
-`--ref`), from one pass of the reference model before the loop (the function `score` uses), or not at all
-(reference-free losses). A reference that cannot be checked is an error, never a silent guess. The provenance
-is resolved for every input file and, for a derived file, through every parent: log-probs of several references,
-or some of no recorded reference, are never reused together.
+`logp_ref_rejected` written by `sera score`, or TRL's `ref_chosen_logps`/`ref_rejected_logps`, when their
+provenance names the same model and settings as `--ref`), from one pass of the reference model before the
+loop (the function `score` uses), or not at all (reference-free losses). A reference that cannot be checked
+is an error, never a silent guess. The provenance is resolved for every input file and, for a derived file,
+through every parent: log-probs of several references, or some of no recorded reference, are never reused
+together. TRL's columns with no provenance (TRL tokenizes
+and truncates its own way) are computed again with `--ref`, unless `--trust-stored-ref` says to use them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from trainers.config import TrainConfig
 from trainers.encode import Encoded
 
 REF_COLUMNS = ("logp_ref_chosen", "logp_ref_rejected")
+TRL_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the same numbers, as TRL's DPOTrainer names them
 _KEYS = ("fingerprint", "chat_template", "eos", "max_length", "max_prompt_length", "dtype")  # of a log-prob identity
 _HINT = "pass --recompute-ref to compute them with --ref, or drop --ref to use them as they are"
 
@@ -36,6 +39,7 @@ class Pairs:
     encoded: list[Encoded]
     ids: list[str]
     parents: list[dict[str, Any]]  # one entry per input file (sera_cli.lineage.parents)
+    trl_named: bool = False  # the reference log-probs came as TRL's columns
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -45,7 +49,7 @@ def read_pairs(config: TrainConfig, tok) -> Pairs:
     from sera_cli.models import check_context, resolve
     from sera_cli.scorer import encode_rows
 
-    inputs = read_inputs(list(config.inputs))
+    inputs, trl_named = sera_named(read_inputs(list(config.inputs)))
     check_pairs(inputs)
     table = with_ids(inputs.table)
     cols = [table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
@@ -54,7 +58,17 @@ def read_pairs(config: TrainConfig, tok) -> Pairs:
     models = [resolve(m) for m in (config.policy, config.ref) if m]
     check_context(models, [len(e.prompt) + max(map(len, e.responses)) for e in encoded], inputs.locate,
                   config.trust_remote_code)
-    return Pairs(inputs, encoded, table.column("id").to_pylist(), lineage.parents(inputs))
+    return Pairs(inputs, encoded, table.column("id").to_pylist(), lineage.parents(inputs), trl_named)
+
+
+def sera_named(inputs: Inputs) -> tuple[Inputs, bool]:
+    """The inputs with TRL's `ref_chosen_logps`/`ref_rejected_logps` read as `logp_ref_chosen`/`logp_ref_rejected`
+    (when sera's columns are absent), and whether they were."""
+    names = inputs.table.column_names
+    if not set(TRL_REF_COLUMNS) <= set(names) or set(REF_COLUMNS) & set(names):
+        return inputs, False
+    rename = dict(zip(TRL_REF_COLUMNS, REF_COLUMNS, strict=True))
+    return Inputs(inputs.table.rename_columns([rename.get(c, c) for c in names]), inputs.sources), True
 
 
 @dataclass(frozen=True)
@@ -143,11 +157,19 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
     groups = ref_groups(pairs.inputs)
     stored = [g for g, _ in groups if g]
     whose = "its" if len(pairs.inputs.sources) == 1 else "their"
+    if pairs.trl_named and not stored and not config.trust_stored_ref:  # TRL's own numbers: its tokens, not ours
+        if ref is None:
+            raise InputError(name, f"{whose} TRL reference log-probs ({', '.join(TRL_REF_COLUMNS)}) carry no "
+                             "provenance", hint="give --ref MODEL to compute them again, or pass "
+                                                "--trust-stored-ref to use them as they are")
+        return RefPlan("computed", np.full(n, np.nan), np.full(n, np.nan), identity, ref)
     if ref is not None:
         if config.recompute_ref:
             return RefPlan("computed", np.full(n, np.nan), np.full(n, np.nan), identity, ref)
         if len(groups) > 1:
             raise _mixed(pairs.inputs, groups)
+        if not stored and config.trust_stored_ref:
+            return RefPlan("input", chosen, rejected, None, ref)
         if not stored:
             raise InputError(name, f"{whose} reference log-probs carry no provenance to check against --ref",
                              hint=_HINT)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sera_cli.console import console
 from sera_cli.errors import ConfigError, InputError
 from sera_cli.hashing import digest
 from sera_cli.io import refuse_overwrite
+from sera_cli.trackers import TRACKERS
 from sera_cli.train_data import compute_reference, plan_reference, read_pairs, ref_source
 from trainers import checkpoint
 from trainers.batch_order import longest_first_steps, needed_rows, step_batches
@@ -27,7 +29,6 @@ from trainers.precision import compute_dtype
 # Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
 _NOT_IN_KEY = ("output", "resume", "overwrite", "progress", "save_steps", "ref_batch_tokens", "report_to",
                "logging_dir")
-TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     validate(config)
     partial = check_output(config)
     acc = make_accelerator(config)
+    if acc.is_main_process and (config.progress or acc.num_processes > 1):  # -q: said only for several
+        console.print(world_line(config, acc.num_processes, acc.device.type, acc.distributed_type.value),
+                      soft_wrap=True, highlight=False, markup=False)
     tok, pairs, steps, refs, plan = prepare_data(config, acc)
     model = load_policy(config, acc)  # before the partial folder: a model that fails to load leaves nothing
     if acc.is_main_process:
@@ -76,7 +80,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
                        run_key(config, pairs.ids), live_ref=plan.source == "live", on_step=step_done)
     if track:
         acc.end_training()
-    sera = provenance_of(config, pairs, plan, log.records, acc.mixed_precision)
+    sera = provenance_of(config, pairs, plan, log.records, acc.mixed_precision,
+                         {"world_size": acc.num_processes, "distributed_type": acc.distributed_type.value})
     checkpoint.save_model(acc, net, tok, partial / "model", not config.save_adapter, sera, log.path)
     if acc.is_main_process:
         checkpoint.publish(partial, partial / "model", config.output)
@@ -206,10 +211,18 @@ def load_policy(config: TrainConfig, acc):
     return model
 
 
+def world_line(config: TrainConfig, processes: int, device: str, kind: str) -> str:
+    """What the run is about to do, said before it starts: how many processes and the batch per step."""
+    per = -(-config.batch_size // processes)
+    return (f"training on {processes} process{'es' if processes > 1 else ''} ({kind}, {device}): effective batch "
+            f"{config.batch_size} pairs per optimizer step ({'up to ' if processes > 1 else ''}{per} per process, "
+            f"micro-batches of {config.micro_batch})")
+
+
 def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]],
-                  mixed_precision: str = "no") -> dict[str, Any]:
+                  mixed_precision: str = "no", world: dict[str, Any] | None = None) -> dict[str, Any]:
     """`sera.json`: the run's config (with the dtype the policy ran in, float32 weights either way), the
-    identities of the base model and reference, the data's provenance."""
+    identities of the base model and reference, the data's provenance, and how many processes trained."""
     from sera_cli import provenance
     from sera_cli.hashing import digest
     from sera_cli.models import resolve
@@ -222,21 +235,31 @@ def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]
         reference={"source": plan.source, "logps": plan.identity},
         data={"rows": len(pairs), "ids": digest(pairs.ids)}, steps=len(records),
         first=records[0] if records else None, last=records[-1] if records else None,
-        parents=pairs.parents)
+        **(world or {"world_size": 1}), parents=pairs.parents)
 
 
 @contextmanager
 def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A rich progress bar on stderr with the last step's loss and reward accuracy."""
+    """A rich progress bar on stderr with the last step's loss and reward accuracy, and the pairs and tokens
+    trained per second so far (step time, without checkpoints)."""
     if not enabled:
         yield lambda record: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from sera_cli.console import Progress, console
+    from sera_cli.console import Progress
 
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("loss {task.fields[loss]}  reward acc {task.fields[acc]}"))
+               TextColumn("loss {task.fields[loss]}  reward acc {task.fields[acc]}  {task.fields[speed]}"))
+    done = {"pairs": 0, "tokens": 0, "seconds": 0.0}
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("training", total=total, completed=start, loss="-", acc="-")
-        yield lambda r: bar.update(task, advance=1, loss=f"{r['loss']:.4f}", acc=f"{r['reward_accuracy']:.2f}")
+        task = bar.add_task("training", total=total, completed=start, loss="-", acc="-", speed="")
+
+        def show(r: dict[str, Any]) -> None:
+            for k in done:
+                done[k] += r.get(k, 0)
+            s = max(done["seconds"], 1e-9)
+            bar.update(task, advance=1, loss=f"{r['loss']:.4f}", acc=f"{r['reward_accuracy']:.2f}",
+                       speed=f"{done['pairs'] / s:,.1f} pairs/s  {done['tokens'] / s:,.0f} tokens/s")
+
+        yield show

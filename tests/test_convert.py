@@ -168,5 +168,52 @@ def test_bad_input_is_one_line_with_row_and_leaves_no_output(tmp_path):
     assert r.stderr == (f"error: the inputs convert to different formats ({multi} is conversational, {plain} is "
                         "standard); choose one with --format\n")
     r = sera("convert", plain, "--flip", "1.5", "--layout", "csv", "-o", out)
-    assert r.stderr == ("error: --layout must be auto, hh, ultrafeedback, plain; got 'csv'; --flip must be a "
-                        "fraction in [0, 1], got 1.5\n")
+    assert r.stderr == ("error: --layout must be auto, hh, ultrafeedback, plain, implicit; got 'csv'; --flip must "
+                        "be a fraction in [0, 1], got 1.5\n")
+
+
+def test_implicit_prompt_strings_and_messages_as_trl_extracts_them(tmp_path):
+    """TRL's implicit-prompt form: only chosen and rejected, both beginning with the prompt."""
+    from sera_cli.layouts import prompt_end
+
+    assert prompt_end("Q: 2+2? A: 4", "Q: 2+2? A: 5") == len("Q: 2+2? A:")  # the space goes with the answer
+    hh = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Colour?\n\nAssistant:"
+    assert prompt_end(hh + " Blue is", hh + " Blue was") == len(hh)  # the last turn's start, not the prefix
+    rows = [{"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5", "score_chosen": 1.0},
+            {"chosen": hh + " Blue.", "rejected": hh + " Bluish?"},
+            {"chosen": "4", "rejected": "5"}]
+    src, out = tmp_path / "implicit.jsonl", tmp_path / "o.parquet"
+    src.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[2], rows[1])))
+    r = sera("convert", src, "--layout", "implicit", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines()[:2] == [f"{src}: 3 rows (implicit) -> 2 pairs",
+                                         "  skipped 1 row whose chosen and rejected share no prompt (rows 1)"]
+    got = pq.read_table(out).to_pylist()
+    assert [(g["prompt"], g["chosen"], g["rejected"]) for g in got] == [
+        ("Q: 2+2? A:", " 4", " 5"), (hh, " Blue.", " Bluish?")]
+    assert got[0]["score_chosen"] == 1.0
+    # detected without --layout; conversational output splits the HH prompt into turns
+    r = sera("convert", src, "--format", "conversational", "-o", out)
+    assert r.exit_code == 0 and r.stderr.splitlines()[0] == f"{src}: 3 rows (implicit) -> 2 pairs", r.stderr
+    second = pq.read_table(out).to_pylist()[1]
+    assert second["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                {"role": "user", "content": "Colour?"}]
+    assert second["chosen"] == [{"role": "assistant", "content": "Blue."}]
+    # message lists: the shared leading messages are the prompt (TRL's extract_prompt), with --layout implicit too
+    msgs = {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]}
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(msgs) + "\n")
+    for layout in ("auto", "implicit"):
+        assert sera("convert", chat, "--layout", layout, "--format", "conversational", "-o", out).exit_code == 0
+        row = pq.read_table(out).to_pylist()[0]
+        assert row["prompt"] == [{"role": "user", "content": "Hi?"}]
+        assert row["rejected"] == [{"role": "assistant", "content": "Go away."}]
+    # a first row that shares no prompt, and no prompt column: one line
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps(rows[2]) + "\n")
+    r = sera("convert", none, "-o", out)
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: {none}, row 0, column 'chosen': has no 'prompt' column, and its chosen and "
+                        "rejected share no prompt (they do not begin with the same text) (give the prompt in a "
+                        "'prompt' column)\n")

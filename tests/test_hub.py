@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,3 +69,52 @@ def test_missing_hub_model_offline_is_one_line(tmp_path, pairs_file):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "acme/not-there" in lines[0] and "HF_HUB_OFFLINE" in lines[0], proc.stderr
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_revision_flag_is_the_at_suffix(tmp_path, pairs_file, tiny_policy, tiny_ref):
+    import pytest
+
+    from sera_cli.errors import ConfigError
+    from sera_cli.hub import with_revision
+
+    assert with_revision("acme/m", "v1") == "acme/m@v1" == with_revision("acme/m@v1", "v1")
+    assert with_revision("acme/m@v1", None) == "acme/m@v1" and with_revision(None, None) is None
+    with pytest.raises(ConfigError, match=r"^--policy acme/m@v1 names revision v1 and --revision names v2: give one$"):
+        with_revision("acme/m@v1", "v2")
+    with pytest.raises(ConfigError, match=r"^--revision v1: --policy smollm2-135m is not a Hub id \(org/name\)"):
+        with_revision("smollm2-135m", "v1")
+    home = tmp_path / "hf"
+    hub_cache(home, "acme/tiny-policy", tiny_policy)
+    env, out = offline_env(home), tmp_path / "o.parquet"
+    proc = subprocess.run(SERA + ["score", pairs_file, "--policy", "acme/tiny-policy", "--revision", COMMIT, "--ref",
+                                  tiny_ref, "-o", str(out), "-q"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    prov = json.loads(pq.read_schema(out).metadata[b"sera"])
+    assert prov["models"]["policy"]["spec"] == f"acme/tiny-policy@{COMMIT}"
+    for args, line in (
+            (["--policy", "acme/tiny-policy@main", "--revision", COMMIT, "--ref", tiny_ref],
+             f"error: --policy acme/tiny-policy@main names revision main and --revision names {COMMIT}: give one"),
+            (["--policy", "acme/tiny-policy", "--ref-revision", "v1"],
+             "error: --ref-revision v1 needs --ref (a Hub id, org/name)")):
+        proc = subprocess.run(SERA + ["score", pairs_file, *args, "-o", str(tmp_path / "bad.parquet")], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr == line + "\n", proc.stderr
+
+
+def test_every_revision_flag_refuses_a_second_revision_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sera_cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    line = "error: {flag} acme/m@v1 names revision v1 and {rev} names v2: give one\n"
+    for args, flag, rev in (
+            (["train", "x.parquet", "-o", "out", "--policy", "acme/m@v1", "--revision", "v2"], "--policy", "--revision"),
+            (["train", "x.parquet", "-o", "out", "--ref", "acme/m@v1", "--ref-revision", "v2"], "--ref", "--ref-revision"),
+            (["generate", "x.parquet", "--policy", "acme/m@v1", "--revision", "v2"], "--policy", "--revision"),
+            (["run", "x.parquet", "--policy", "acme/m@v1", "--revision", "v2"], "--policy", "--revision"),
+            (["eval", "--policy", "p", "--prompts", "q.jsonl", "-o", "e", "--judge", "acme/m@v1", "--judge-revision",
+              "v2"], "--judge", "--judge-revision")):
+        r = CliRunner().invoke(app, args)
+        assert (r.exit_code, r.stderr) == (1, line.format(flag=flag, rev=rev)), args
+    assert not any(tmp_path.iterdir())

@@ -279,3 +279,18 @@ def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     with workdir_lock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".lock").exists()
+
+
+def test_report_to_tensorboard_logs_each_train_stage_and_changes_no_stage(tmp_path, tiny_policy):
+    pytest.importorskip("tensorboard")
+    wd, tb = tmp_path / "wd", tmp_path / "tb"
+    args = ["run", str(DEMO_DATA), "--method", "dpo", "--policy", tiny_policy, "--workdir", str(wd), "--rows", "8",
+            "--max-length", "64", "--max-prompt-length", "32", "--batch-size", "4", "--heldout", "0.25",
+            "--no-report"]
+    r = runner.invoke(app, [*args, "--report-to", "tensorboard", "--logging-dir", str(tb)])
+    assert r.exit_code == 0, r.output
+    assert list((tb / "iter-1-train").rglob("events.out.tfevents.*")), list(tb.rglob("*"))
+    again = runner.invoke(app, args)  # tracking is not a setting of the stage: nothing reruns
+    assert again.exit_code == 0 and "ran 0 stage(s)" in again.stderr, again.output
+    bad = runner.invoke(app, [*args, "--report-to", "neptune"])
+    assert bad.exit_code == 2 and "is not one of none, tensorboard" in bad.output

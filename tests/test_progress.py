@@ -24,3 +24,15 @@ def test_non_terminal_runs_print_periodic_progress_lines(tmp_path, pairs_file, t
     assert lines and "(100%)" in lines[-1], proc.stderr
     quiet = score(pairs_file, tiny_policy, tiny_ref, tmp_path / "b.parquet", "3600")
     assert quiet.returncode == 0 and not any(LINE.match(line) for line in quiet.stderr.splitlines())
+
+
+def test_train_progress_shows_pairs_and_tokens_per_second(monkeypatch, capsys):
+    from sera_cli.train_stage import progress_bar
+
+    monkeypatch.setenv("SERA_LOG_EVERY", "0")
+    with progress_bar(True, 2, 0) as show:
+        show({"loss": 0.69, "reward_accuracy": 0.5, "pairs": 4, "tokens": 100, "seconds": 0.5})
+        show({"loss": 0.6, "reward_accuracy": 1.0, "pairs": 4, "tokens": 300, "seconds": 1.5})
+    last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
+    assert re.match(r"^\[\d\d:\d\d:\d\d\] training: 2/2 \(100%\), \d+ s", last), last
+    assert last.endswith("loss 0.6000  acc 1.00  speed 4.0 pairs/s  200 tokens/s"), last

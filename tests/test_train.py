@@ -221,7 +221,7 @@ def test_output_is_a_model_folder_that_score_loads(tmp_path, cli_run, scored, ti
     assert not out.with_name("pi1.partial").exists()
     record = metrics(out)[0]
     assert set(record) == {"step", "epoch", "loss", "reward_accuracy", "reward_margin", "reward_chosen",
-                           "reward_rejected", "lr", "grad_norm", "pairs", "seconds"}
+                           "reward_rejected", "lr", "grad_norm", "pairs", "tokens", "seconds"}
     sera_json = json.loads((out / "sera.json").read_text())
     assert sera_json["stage"] == "train" and sera_json["reference"]["source"] == "input"
     assert sera_json["models"]["policy"]["spec"] == tiny_policy and sera_json["parents"][0]["stage"] == "score"

@@ -39,8 +39,14 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, tiny_policy, ti
                            "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("trained 4 steps on 6 pairs") == 1  # one summary, from the main process
+    # the world size is said before the work and recorded with the model
+    assert proc.stderr.count("training on 2 processes (MULTI_CPU, cpu): effective batch 3 pairs per optimizer "
+                             "step (up to 2 per process, micro-batches of 1)") == 1, proc.stderr[-2000:]
+    sera = json.loads(Path(tmp_path / "ddp" / "sera.json").read_text())
+    assert (sera["world_size"], sera["distributed_type"]) == (2, "MULTI_CPU")
     train(TrainConfig((str(pairs),), str(tmp_path / "single"), tiny_policy, ref=tiny_ref, lr=1e-3, batch_size=3,
                       micro_batch=3, epochs=2, dtype="float32", progress=False))
+    assert json.loads(Path(tmp_path / "single" / "sera.json").read_text())["world_size"] == 1
     ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
     assert [r["pairs"] for r in ddp] == [3, 3, 3, 3]
     for key in ("loss", "reward_margin", "reward_accuracy", "grad_norm", "lr"):

@@ -24,6 +24,7 @@ class TrainConfig:
     gamma: float = 1.0  # SimPO target margin (gamma / beta = 0.5 with the default beta 2.0)
     eps: float = 0.1  # cDPO / rDPO assumed label-flip rate
     recompute_ref: bool = False
+    trust_stored_ref: bool = False  # use stored reference log-probs that carry no provenance as they are
     lr: float = 5e-7
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = 0.1
@@ -48,7 +49,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     live_ref: bool = False  # run the reference model every step (the baseline that reuse is measured against)
-    share_prompts: bool = True  # run a pair's prompt once for both responses (False: two whole sequences)
+    # run a pair's prompt once for both responses (exact); off by default: with 2 CPU threads it measured slower
+    # than two whole sequences (README, Performance)
+    share_prompts: bool = False
     length_sort: bool = True  # inside each step, micro-batches of similar length (trainers.batch_order)
     trust_remote_code: bool = False
     progress: bool = True

@@ -69,13 +69,18 @@ def fit(config: TrainConfig, acc, model, pad_id: int, encoded: Sequence[Encoded]
         means = (acc.reduce(totals, "sum") / len(batch)).tolist()
         record = {"step": step, "epoch": step // per_epoch, **dict(zip(STATS, means, strict=True)), "lr": lr,
                   "grad_norm": math.nan if grad_norm is None else float(grad_norm), "pairs": len(batch),
-                  "seconds": round(time.perf_counter() - t_step, 4)}
+                  "tokens": step_tokens(encoded, batch), "seconds": round(time.perf_counter() - t_step, 4)}
         log.write(record)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < len(steps):
             checkpoint.save(acc, partial, step + 1, key)
         if on_step:
             on_step(record)
     return net, log
+
+
+def step_tokens(encoded: Sequence[Encoded], rows: Sequence[int]) -> int:
+    """The tokens of a step's pairs, over all processes: each prompt once, both responses."""
+    return sum(len(encoded[i].prompt) + sum(map(len, encoded[i].responses)) for i in rows)
 
 
 def pair_sums(losses, chosen, rejected, beta: float) -> torch.Tensor:

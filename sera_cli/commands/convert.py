@@ -6,18 +6,21 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import OutputOpt, SeedOpt
+from sera_cli.options import ConfigOpt, OutputOpt, SeedOpt, SplitOpt, SubsetOpt
 
 SHOWN_ROWS = 5
 
 
 def convert(
     inputs: Annotated[list[str], typer.Argument(
-        help="JSONL, JSON or Parquet files (gzip allowed) or globs; '-' reads JSONL from stdin.", show_default=False)],
+        help="JSONL, JSON or Parquet files (gzip allowed) or globs, .arrow files, datasets save_to_disk folders, "
+             "or Hub dataset names (org/name, see --split); '-' reads JSONL from stdin.", show_default=False,
+        metavar="FILE")],
     output: OutputOpt = "pairs.parquet",
     layout: Annotated[str, typer.Option(
-        "--layout", help="Input layout: auto, hh (HH-RLHF dialogues), ultrafeedback (message lists) or plain "
-                         "(prompt/chosen/rejected strings).")] = "auto",
+        "--layout", help="Input layout: auto, hh (HH-RLHF dialogues), ultrafeedback (message lists), plain "
+                         "(prompt/chosen/rejected strings) or implicit (chosen/rejected strings that begin with "
+                         "the prompt, as TRL's implicit-prompt datasets).")] = "auto",
     format: Annotated[str, typer.Option(
         "--format", help="Output texts: auto (messages for hh and ultrafeedback, strings for plain), "
                          "conversational ({role, content} message lists) or standard (strings).")] = "auto",
@@ -25,6 +28,9 @@ def convert(
         "--flip", help="Swap chosen and rejected in this fraction of rows (drawn with --seed) and mark them in a "
                        "'flipped' column, for noisy-label experiments.")] = None,
     seed: SeedOpt = 0,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Convert preference data to the pairs table: prompt, chosen, rejected, id (plus kept fields such as
     score_chosen/score_rejected). HH-RLHF rows whose two dialogues differ before the last turn are skipped and
@@ -33,12 +39,16 @@ def convert(
     Example: sera convert hh-rlhf/helpful-base/test.jsonl.gz -o pairs.parquet
 
     Example: sera convert train_clean.jsonl --flip 0.2 --seed 0 -o noisy.parquet
+
+    Example: sera convert trl-lib/ultrafeedback_binarized --split test -o pairs.parquet
     """
     from sera_cli.console import console
     from sera_cli.converters import ConvertConfig
     from sera_cli.converters import convert as run
+    from sera_cli.hub_data import with_split
 
-    config = ConvertConfig(inputs=tuple(inputs), output=output, layout=layout, format=format, flip=flip, seed=seed)
+    config = ConvertConfig(inputs=with_split(inputs, split, subset), output=output, layout=layout, format=format,
+                           flip=flip, seed=seed)
     summary = run(config)
     for report in summary.files:
         console.print(f"{report.file}: {_n(report.rows, 'row')} ({report.layout}) -> {_n(report.kept, 'pair')}",

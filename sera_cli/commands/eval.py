@@ -23,6 +23,9 @@ def eval_command(
                                                  "(pairwise), e.g. the SFT model.")] = None,
     judge: Annotated[str | None, typer.Option("--judge", help="A local judge model (HF folder, .gguf, "
                                               "'smollm2-135m'); it needs a chat template.")] = None,
+    judge_revision: Annotated[str | None, typer.Option(
+        "--judge-revision", help="Hub revision of --judge: the same as --judge org/name@REV.",
+        metavar="REV")] = None,
     judge_url: Annotated[str | None, typer.Option("--judge-url", help="An OpenAI-compatible endpoint instead, "
                                                   "e.g. http://host:8000/v1.")] = None,
     judge_model: Annotated[str | None, typer.Option("--judge-model", help="The model name the endpoint "
@@ -64,6 +67,7 @@ def eval_command(
     trust_remote_code: o.TrustRemoteCodeOpt = False,
     json_out: o.JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    config_file: o.ConfigOpt = None,
 ) -> None:
     """Judge policies with an LLM the way the SeRA paper does: win rate against a baseline, or 1-10 grades.
 
@@ -77,7 +81,9 @@ def eval_command(
     from sera_cli.evaluation.config import EvalConfig
     from sera_cli.evaluation.run import evaluate
     from sera_cli.evaluation.table import rich_table
+    from sera_cli.hub import with_revision
 
+    judge = with_revision(judge, judge_revision, "--judge-revision", "--judge")
     config = EvalConfig(
         policies=tuple(policy), prompts=prompts, output_dir=output_dir, baseline=baseline, mode=mode, turns=turns,
         answers=answers, judge=judge, judge_url=judge_url, judge_model=judge_model,

@@ -16,6 +16,7 @@ def export(
     drop_truncated: Annotated[bool, typer.Option(
         "--drop-truncated", help="Drop rows sera truncated (TRL truncates differently, so their stored numbers "
                                  "would not be TRL's) instead of refusing the file.")] = False,
+    config_file: o.ConfigOpt = None,
 ) -> None:
     """Export scored pairs for another tool. `trl`: prompt, chosen, rejected, id and the reference log-probs as
     `ref_chosen_logps`/`ref_rejected_logps`; `sera_cli.integrations.trl.StoredReferenceDPOTrainer` trains on

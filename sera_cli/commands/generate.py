@@ -13,6 +13,10 @@ def generate_command(
     inputs: o.InputsArg,
     output: o.OutputOpt = "-",
     policy: o.PolicyOpt = "smollm2-135m",
+    revision: o.RevisionOpt = None,
+    split: o.SplitOpt = None,
+    subset: o.SubsetOpt = None,
+    config_file: o.ConfigOpt = None,
     n: Annotated[int, typer.Option("--n", help="Distinct responses per prompt (paper: 4).", min=1)] = 4,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (paper: 0.7).",
                                                min=0.0)] = 0.7,
@@ -42,11 +46,15 @@ def generate_command(
     score: Annotated[bool, typer.Option("--score", help="Also score every response (as 'sera score' does): "
                                         "logp_policy, logp_ref, ntok, reward.")] = False,
     ref: o.RefOpt = None,
+    ref_revision: o.RefRevisionOpt = None,
     reward: Annotated[str, typer.Option("--reward", help="With --score: dpo (needs --ref), ipo (dpo averaged per token) or simpo.")] = "dpo",
     beta: o.BetaOpt = 0.1,
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
     cache: o.CacheOpt = None,
+    ray: o.RayOpt = False,
+    ray_address: o.RayAddressOpt = None,
+    ray_actors: o.RayActorsOpt = None,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -58,19 +66,35 @@ def generate_command(
     from sera_cli.console import console
     from sera_cli.generation.config import GenerateConfig
     from sera_cli.generation.run import generate
+    from sera_cli.hub import with_revision
+    from sera_cli.hub_data import with_split
+    from sera_cli.ray_stages import address, ray_generate
 
+    policy, ref = with_revision(policy, revision), with_revision(ref, ref_revision, "--ref-revision", "--ref")
     config = GenerateConfig(
-        inputs=tuple(inputs), output=output, policy=policy, engine=engine, n=n, temperature=temperature, top_p=top_p,
+        inputs=with_split(inputs, split, subset), output=output, policy=policy, engine=engine, n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, max_redraws=max_redraws, dtype=dtype, device=device,
         batch_size=batch_size, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, chunk_prompts=chunk_prompts,
         resume=resume, shard=parse_shard(shard), trust_remote_code=trust_remote_code, progress=not quiet,
         score=score, ref=ref, reward=reward, beta=beta, max_length=max_length, max_prompt_length=max_prompt_length,
-        cache=cache)
-    console.print(generate(config).line(), soft_wrap=True)
+        cache=cache, ray_address=address(ray, ray_address), ray_actors=ray_actors)
+    if line := (ray_generate if config.ray_address else generate)(config).line():  # empty on the other ranks of a launch
+        console.print(line, soft_wrap=True)
+
+
+PANELS = {
+    o.IO: ("output", "split", "subset", "config_file", "quiet"),
+    o.MODELS: ("policy", "revision", "max_length", "max_prompt_length", "trust_remote_code"),
+    "Sampling": ("n", "temperature", "top_p", "max_new_tokens", "seed", "max_redraws"),
+    o.REWARD: ("score", "ref", "ref_revision", "reward", "beta"),
+    o.PERFORMANCE: ("engine", "dtype", "device", "batch_size", "tensor_parallel_size", "gpu_memory_utilization",
+                    "enforce_eager", "cache"),
+    o.RESUME: ("chunk_prompts", "resume", "shard", "ray", "ray_address", "ray_actors"),
+}
 
 
 def register(app: typer.Typer) -> None:
     from sera_cli.app import guarded
 
-    app.command("generate")(guarded(generate_command))
+    app.command("generate")(guarded(o.panels(generate_command, PANELS)))

@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import OutputOpt
+from sera_cli.options import ConfigOpt, OutputOpt
 
 
 def merge(
     shards: Annotated[list[str], typer.Argument(help="The shard files (or a glob), in any order.", show_default=False)],
     output: OutputOpt = "-",
+    config_file: ConfigOpt = None,
 ) -> None:
     """Merge the shards of one 'sera score --shard i/n' (or 'sera generate --shard i/n') job, checked to be the
     same job, complete and disjoint, in shard order; the provenance keeps every shard.

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import K1Opt, K2Opt, OutputOpt, SeedOpt
+from sera_cli.options import ConfigOpt, K1Opt, K2Opt, OutputOpt, SeedOpt
 
 
 def mix(
@@ -24,6 +24,7 @@ def mix(
     allow_shortfall: Annotated[bool, typer.Option(
         "--allow-shortfall", help="Take all there is when a source has fewer pairs than asked, instead of "
                                   "failing.")] = False,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Mix the top k1*N offline pairs and the top k2*N generated pairs by IRM, de-duplicated and shuffled.
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from sera_cli import options as o
+from sera_cli.trackers import TRACKERS
 
 Int = int | None
 Float = float | None
@@ -34,8 +35,11 @@ def run(
         show_default=False)] = None,
     config: Annotated[Str, _opt("--config", "TOML file with any of these settings; flags override it.")] = None,
     method: Annotated[Str, _opt("--method", "sera, sera-select (k2 = 0), iterative-dpo or dpo.")] = None,
-    policy: Annotated[Str, _opt("--policy", "pi_0, the SFT policy: HF folder, .gguf, adapter or 'smollm2-135m'.")]
+    policy: Annotated[Str, _opt("--policy", "pi_0, the SFT policy: HF folder, Hub id, .gguf, adapter or "
+                                            "'smollm2-135m'.", metavar="MODEL")]
     = None,
+    revision: Annotated[Str, _opt("--revision", "Hub revision of --policy: the same as --policy org/name@REV.",
+                                  metavar="REV")] = None,
     workdir: Annotated[Str, _opt("--workdir", "Where every stage's output is kept. A rerun skips the stages that are up to date.")] = None,
     iterations: Annotated[Int, _opt("--iterations", "Iterations T.")] = None,
     k1: Annotated[Float, _opt("--k1", "Fraction of the offline rows kept by IRM each iteration.")]
@@ -67,6 +71,11 @@ def run(
     micro_batch: Annotated[Int, _opt("--micro-batch", "Pairs per forward pass.")] = None,
     epochs: Annotated[Int, _opt("--epochs", "Epochs per iteration.")] = None,
     lora_r: Annotated[Int, _opt("--lora-r", "LoRA rank; 0 is full fine-tuning.")] = None,
+    report_to: Annotated[Str, _opt("--report-to", f"Log each train stage's steps to {', '.join(TRACKERS[1:])} or "
+                                                  "none, as 'sera train --report-to'.",
+                                   callback=o.choice("--report-to", TRACKERS), metavar="TRACKER")] = None,
+    logging_dir: Annotated[Str, _opt("--logging-dir", "The trackers' folder, one subfolder per train stage "
+                                                      "(none: beside each model).", metavar="DIR")] = None,
     dtype: Annotated[Str, _opt("--dtype", "dtype of every model (scoring, generation, training): auto "
                                           "(float32 on CPU), float32, bfloat16 or float16.", callback=o.check_dtype, metavar="DTYPE")] = None,
     device: Annotated[Str, _opt("--device", "auto, cpu, cuda or cuda:N.", callback=o.check_device,
@@ -76,6 +85,11 @@ def run(
     batch_tokens: Annotated[Int, _opt("--batch-tokens", "Padded tokens per scoring batch.")] = None,
     cache: Annotated[bool | None, _opt("--cache/--no-cache", "Share a log-prob cache across stages.")]
     = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the score and generate stages on this machine's Ray "
+                                                    "(as 'sera score --ray').")] = False,
+    ray_address: Annotated[Str, _opt("--ray-address", "Run the score and generate stages on the Ray cluster at "
+                                                      "ADDR (as 'sera score --ray-address').", metavar="ADDR")] = None,
+    ray_actors: Annotated[Int, _opt("--ray-actors", "Actors of the Ray stages (none: one per GPU, else 2).")] = None,
     eval: Annotated[Str, _opt("--eval", "Prompts file (as for 'sera eval --prompts'): judge pi_t against pi_0 "
                                         "at the end of each iteration.")] = None,
     judge: Annotated[Str, _opt("--judge", "Judge for --eval: a local chat model (HF folder, .gguf, "
@@ -99,8 +113,14 @@ def run(
 
     Example: sera run --config sera.toml --method iterative-dpo --workdir runs/idpo
     """
-    flags = {k: v for k, v in locals().items() if k not in ("config", "report")}
+    from sera_cli.hub import with_revision
+    from sera_cli.ray_stages import address
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "report", "revision", "with_revision", "ray",
+                                                            "address")}
     flags["data"] = tuple(data) if data else None
+    flags["ray_address"] = address(ray, ray_address)
+    flags["policy"] = with_revision(policy, revision)
     _run(config, flags, report)
 
 
@@ -155,8 +175,20 @@ def _run(config_file: str | None, flags: dict[str, Any], report: bool) -> None:
     console.print(summary.line())
 
 
+PANELS = {
+    o.IO: ("config", "workdir", "report", "report_to", "logging_dir"),
+    "Method": ("method", "iterations", "k1", "k2", "n", "ensemble_lambda", "cross_fit", "heldout", "rows", "seed"),
+    o.MODELS: ("policy", "revision", "max_length", "max_prompt_length"),
+    "Loss and training": ("loss", "beta", "eps", "lr", "batch_size", "micro_batch", "epochs", "lora_r"),
+    "Generation": ("gen_prompts", "max_new_tokens", "temperature", "top_p", "engine"),
+    o.PERFORMANCE: ("dtype", "device", "batch_tokens", "cache", "ray", "ray_address", "ray_actors"),
+    "Evaluation": ("eval", "judge", "judge_url", "judge_model", "eval_mode", "eval_max_new_tokens",
+                   "judge_max_tokens"),
+}
+
+
 def register(app: typer.Typer) -> None:
     from sera_cli.app import guarded
 
-    app.command("run")(guarded(run))
+    app.command("run")(guarded(o.panels(run, PANELS)))
     app.command("demo")(guarded(demo))

@@ -14,6 +14,11 @@ def score_command(
     output: o.OutputOpt = "-",
     policy: o.PolicyOpt = "smollm2-135m",
     ref: o.RefOpt = None,
+    revision: o.RevisionOpt = None,
+    ref_revision: o.RefRevisionOpt = None,
+    split: o.SplitOpt = None,
+    subset: o.SubsetOpt = None,
+    config_file: o.ConfigOpt = None,
     reward: Annotated[str, typer.Option("--reward", help="dpo: beta*(log pi - log pi_ref), summed (Eq. 5); "
                                         "ipo: the same averaged per token (the margin IPO trains on); simpo: beta/|y| * log pi, "
                                         "reference-free.")] = "dpo",
@@ -35,6 +40,9 @@ def score_command(
     resume: o.ResumeOpt = False,
     shard: o.ShardOpt = None,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows per resumable chunk.", min=1)] = 256,
+    ray: o.RayOpt = False,
+    ray_address: o.RayAddressOpt = None,
+    ray_actors: o.RayActorsOpt = None,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -45,6 +53,9 @@ def score_command(
     from sera_cli.chunk_store import parse_shard
     from sera_cli.console import console
     from sera_cli.errors import ConfigError
+    from sera_cli.hub import with_revision
+    from sera_cli.hub_data import with_split
+    from sera_cli.ray_stages import address, ray_score
     from sera_cli.score import score
     from sera_cli.score_config import ScoreConfig
 
@@ -52,16 +63,28 @@ def score_command(
         raise ConfigError(f"--reward {reward}: expected dpo, ipo or simpo")
     if prev_missing not in ("error", "current"):
         raise ConfigError(f"--prev-missing {prev_missing}: expected error or current")
-    config = ScoreConfig(inputs=tuple(inputs), output=output, policy=policy, ref=ref, reward=reward, beta=beta,
+    policy, ref = with_revision(policy, revision), with_revision(ref, ref_revision, "--ref-revision", "--ref")
+    config = ScoreConfig(inputs=with_split(inputs, split, subset), output=output, policy=policy, ref=ref,
+                         reward=reward, beta=beta,
                          prev=prev, ensemble_lambda=ensemble_lambda, prev_missing=prev_missing, dtype=dtype,
                          device=device, max_length=max_length, max_prompt_length=max_prompt_length,
                          batch_tokens=batch_tokens, low_memory=low_memory, cache=cache, resume=resume,
                          shard=parse_shard(shard), chunk_rows=chunk_rows, trust_remote_code=trust_remote_code,
-                         progress=not quiet)
-    console.print(score(config).line(), soft_wrap=True)
+                         progress=not quiet, ray_address=address(ray, ray_address), ray_actors=ray_actors)
+    if line := (ray_score if config.ray_address else score)(config).line():  # empty on the other ranks of a launch
+        console.print(line, soft_wrap=True)
+
+
+PANELS = {
+    o.IO: ("output", "split", "subset", "config_file", "quiet"),
+    o.MODELS: ("policy", "ref", "revision", "ref_revision", "max_length", "max_prompt_length", "trust_remote_code"),
+    o.REWARD: ("reward", "beta", "prev", "ensemble_lambda", "prev_missing"),
+    o.PERFORMANCE: ("dtype", "device", "batch_tokens", "low_memory", "cache"),
+    o.RESUME: ("resume", "shard", "chunk_rows", "ray", "ray_address", "ray_actors"),
+}
 
 
 def register(app: typer.Typer) -> None:
     from sera_cli.app import guarded
 
-    app.command("score")(guarded(score_command))
+    app.command("score")(guarded(o.panels(score_command, PANELS)))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import InputsArg, OutputOpt
+from sera_cli.options import ConfigOpt, InputsArg, OutputOpt
 
 
 def select(
@@ -23,6 +23,7 @@ def select(
     pairs: Annotated[bool, typer.Option(
         "--pairs", help="Input is scored candidates: build per prompt the pair with the largest IRM "
                         "(highest vs lowest reward) first; --top then keeps the best k2 fraction.")] = False,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Keep the rows with the largest implicit-reward margin (IRM); ties broken by id; rows keep their order.
 

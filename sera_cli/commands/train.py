@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from sera_cli import options as o
+from sera_cli.trackers import TRACKERS
 
 
 def train_command(
@@ -15,6 +16,11 @@ def train_command(
                                 "metrics.jsonl, sera.json); work happens in OUTPUT.partial until the end.")],
     policy: o.PolicyOpt = "smollm2-135m",
     ref: o.RefOpt = None,
+    revision: o.RevisionOpt = None,
+    ref_revision: o.RefRevisionOpt = None,
+    split: o.SplitOpt = None,
+    subset: o.SubsetOpt = None,
+    config_file: o.ConfigOpt = None,
     loss: Annotated[str, typer.Option("--loss", help="dpo, ipo, slic, simpo, cdpo or rdpo.")] = "dpo",
     beta: Annotated[float | None, typer.Option("--beta", help="Loss scale beta (IPO's tau). Default: 0.1, or 2.0 for "
                                        "simpo.")] = None,
@@ -23,6 +29,9 @@ def train_command(
     eps: Annotated[float, typer.Option("--eps", help="cDPO/rDPO assumed label-flip rate, in [0, 0.5).")] = 0.1,
     recompute_ref: Annotated[bool, typer.Option("--recompute-ref", help="Compute reference log-probs with --ref even "
                                         "when the input carries others.")] = False,
+    trust_stored_ref: Annotated[bool, typer.Option(
+        "--trust-stored-ref", help="Use stored reference log-probs that carry no provenance (TRL's "
+                                   "ref_chosen_logps/ref_rejected_logps from TRL itself) as they are.")] = False,
     live_ref: Annotated[bool, typer.Option("--live-ref", help="Run the reference model every step instead (the slow "
                                    "baseline; for comparisons).")] = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 5e-7,
@@ -43,6 +52,9 @@ def train_command(
                                        "weights.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in "
                                                  "the backward pass (less memory, ~30% slower).")] = False,
+    share_prompts: Annotated[bool, typer.Option(
+        "--share-prompts", help="Run each pair's prompt once for both responses (exact; fewer FLOPs, but on a "
+                                "2-core CPU slower than two whole sequences, so off by default).")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="The policy's compute dtype (its weights stay float32): "
                                "auto (bfloat16 autocast on a GPU or on a CPU with AVX512_BF16 or AMX, else "
                                "float32), float32, bfloat16 or float16. A reference computed here loads in it too "
@@ -58,10 +70,9 @@ def train_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     report_to: Annotated[str, typer.Option(
         "--report-to", help="Log each step's loss, reward accuracy and learning rate to an experiment tracker "
-                            "through accelerate: tensorboard, wandb, mlflow, trackio or none (install its package; "
+                            f"through accelerate: {', '.join(TRACKERS[1:])} or none (install its package; "
                             "offline modes such as WANDB_MODE=offline work).",
-        callback=o.choice("--report-to", ("none", "tensorboard", "wandb", "mlflow", "trackio")),
-        metavar="TRACKER")] = "none",
+        callback=o.choice("--report-to", TRACKERS), metavar="TRACKER")] = "none",
     logging_dir: Annotated[str | None, typer.Option(
         "--logging-dir", help="The tracker's folder (default: OUTPUT-runs beside the model folder).",
         metavar="DIR")] = None,
@@ -71,15 +82,18 @@ def train_command(
     Example: sera train scored.parquet --policy smollm2-135m --ref smollm2-135m --lr 1e-6 -o pi1/
     """
     from sera_cli.console import console
+    from sera_cli.hub import with_revision
+    from sera_cli.hub_data import with_split
     from sera_cli.train_stage import train
     from trainers import TrainConfig
 
+    policy, ref = with_revision(policy, revision), with_revision(ref, ref_revision, "--ref-revision", "--ref")
     config = TrainConfig(
-        inputs=tuple(inputs), output=output, policy=policy, ref=ref, loss=loss, beta=beta, delta=delta,
-        gamma=gamma, eps=eps, recompute_ref=recompute_ref, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
+        inputs=with_split(inputs, split, subset), output=output, policy=policy, ref=ref, loss=loss, beta=beta, delta=delta,
+        gamma=gamma, eps=eps, recompute_ref=recompute_ref, trust_stored_ref=trust_stored_ref, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, micro_batch=micro_batch,
         epochs=epochs, max_steps=max_steps, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-        save_adapter=save_adapter, gradient_checkpointing=gradient_checkpointing, dtype=dtype, device=device,
+        save_adapter=save_adapter, gradient_checkpointing=gradient_checkpointing, share_prompts=share_prompts, dtype=dtype, device=device,
         max_length=max_length, max_prompt_length=max_prompt_length, save_steps=save_steps, resume=resume,
         overwrite=overwrite, live_ref=live_ref, trust_remote_code=trust_remote_code, progress=not quiet,
         report_to=report_to, logging_dir=logging_dir)
@@ -90,7 +104,19 @@ def train_command(
         console.print(summary.line(), soft_wrap=True)
 
 
+PANELS = {
+    o.IO: ("output", "split", "subset", "config_file", "overwrite", "quiet", "report_to", "logging_dir"),
+    o.MODELS: ("policy", "ref", "revision", "ref_revision", "max_length", "max_prompt_length", "lora_r",
+               "lora_alpha", "save_adapter", "trust_remote_code"),
+    "Loss": ("loss", "beta", "delta", "gamma", "eps", "recompute_ref", "trust_stored_ref", "live_ref"),
+    "Optimisation": ("lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "epochs",
+                     "max_steps", "seed"),
+    o.PERFORMANCE: ("micro_batch", "gradient_checkpointing", "share_prompts", "dtype", "device"),
+    o.RESUME: ("save_steps", "resume"),
+}
+
+
 def register(app: typer.Typer) -> None:
     from sera_cli.app import guarded
 
-    app.command("train")(guarded(train_command))
+    app.command("train")(guarded(o.panels(train_command, PANELS)))

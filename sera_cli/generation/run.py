@@ -76,15 +76,26 @@ class Sample:
 
 
 def generate(config: GenerateConfig) -> GenerateSummary:
-    """Read prompts, sample `n` distinct responses for each, write the candidates (scored with `--score`)."""
+    """Read prompts, sample `n` distinct responses for each, write the candidates (scored with `--score`). Under
+    a launcher of N processes, each generates for its shard and the first merges them (`sera_cli.launch`)."""
+    from sera_cli.launch import ranked, world
+
+    config.check()
+    if (w := world()).size > 1:
+        return ranked(_generate_one, config, "generate", w, gpus_per_rank=config.tensor_parallel_size)
+    return _generate_one(config)
+
+
+def _generate_one(config: GenerateConfig, cluster=None) -> GenerateSummary:
+    """One process's run; `cluster` (`ray_stages.RayCluster`, the Ray path) generates the chunks on its actors."""
     t0 = time.perf_counter()
     config.check()
     check_writable(config.output, config.inputs)
     with ChunkStore(config.output, "generate", config.resume) as store:
-        return _generate(config, store, t0)
+        return _generate(config, store, t0, cluster)
 
 
-def _generate(config: GenerateConfig, store: ChunkStore, t0: float) -> GenerateSummary:
+def _generate(config: GenerateConfig, store: ChunkStore, t0: float, cluster=None) -> GenerateSummary:
     from sera_cli.lineage import parents
     from sera_cli.models import (
         check_same_tokenizer,
@@ -106,11 +117,14 @@ def _generate(config: GenerateConfig, store: ChunkStore, t0: float) -> GenerateS
     context = model_context(ref, config.trust_remote_code)
     check_lengths(inputs, _slice(prompts, start, stop), tokens, config.max_new_tokens, context)
     stops = stop_ids(ref.path, tok, chat=prompts.kind == "conversational")
-    engine_id = _engine_identity(config)
+    engine_id = cluster.engine_identity() if cluster else _engine_identity(config)
     work = _Work(config, store, prompts, start, stop, tokens, stops, tok, identity={
         "model": ref.fingerprint, "tokenizer": tokenizer_fingerprint(tok), "engine": engine_id,
         "sampling": config.sampling(), "stops": stops})
-    work.run(lambda: _open_engine(config, ref, tok, engine_id["name"], stops, tokens, context))
+    if cluster:
+        cluster.generate(work, stops, tokens, context)
+    else:
+        work.run(lambda: _open_engine(config, ref, tok, engine_id["name"], stops, tokens, context))
     table = _table(inputs, prompts, work.rows())
     n_per = pc.value_counts(table.column("prompt_id")) if table.num_rows else []
     short = (stop - start) - sum(1 for c in n_per if c["counts"].as_py() >= config.n)
@@ -120,10 +134,10 @@ def _generate(config: GenerateConfig, store: ChunkStore, t0: float) -> GenerateS
         models={"policy": ref.identity()}, engine=engine_id, sampling=config.sampling(), stop_ids=stops,
         prompts=stop - start, responses=table.num_rows, shortfall={"prompts": short, "missing": missing},
         **({"shard": shard_record(list(prompts.ids), config.chunk_prompts, config.shard)} if config.shard else {}),
-        parents=parents(inputs))
+        parents=parents(inputs), **({"ray": cluster.record()} if cluster else {}))
     table = provenance.attach(table, prov)
     if config.score:
-        table = _score(config, table)
+        table = _score(config, table, cluster)
     write_parquet(table, config.output)
     store.finish()
     return GenerateSummary(stop - start, table.num_rows, short, missing, prompts.repeated, store.resumed,
@@ -205,11 +219,7 @@ class _Work:
         return f"chunk-{c:09d}.parquet"
 
     def run(self, open_engine) -> None:
-        for c in self.chunks:
-            saved = self.store.load(self._file(c), self.keys[c])
-            if saved is not None:
-                self.done[c] = saved
-        todo = [c for c in self.chunks if c not in self.done]
+        todo = self.missing()
         if not todo:
             return
         engine = open_engine()
@@ -221,7 +231,28 @@ class _Work:
                 self._chunk(engine, c, bar, task, t0)
         self.seconds = time.perf_counter() - t0
 
+    def missing(self) -> list[int]:
+        """The chunks still to generate; those saved by an earlier run with the same key are loaded instead."""
+        for c in self.chunks:
+            saved = self.store.load(self._file(c), self.keys[c])
+            if saved is not None:
+                self.done[c] = saved
+        return [c for c in self.chunks if c not in self.done]
+
+    def prompts_of(self, c: int) -> tuple[list[str], list[list[int]]]:
+        """Chunk `c`'s prompt ids (their random streams) and token ids."""
+        return list(self.prompts.ids[c:self._end(c)]), self.prompt_tokens[c - self.start:self._end(c) - self.start]
+
+    def finished(self, c: int, table: pa.Table) -> None:
+        """Keep a generated chunk (`CHUNK` rows), saved for a later `--resume`."""
+        self.store.save(self._file(c), self.keys[c], table)
+        self.done[c] = table
+
     def _chunk(self, engine, c: int, bar, task, t0: float) -> None:
+        self.finished(c, self._samples(engine, c, bar, task, t0))
+
+    def _samples(self, engine, c: int, bar, task, t0: float) -> pa.Table:
+        """Chunk `c` generated: its `CHUNK` rows."""
         idx = range(c, self._end(c))
         cfg = self.config
         done_before = self.prompts_done
@@ -245,9 +276,7 @@ class _Work:
         bar.update(task, completed=self.prompts_done)
         flat = [(k, s.text, j, s.finish_reason, s.ntok) for k, samples in zip(idx, kept, strict=True)
                 for j, s in enumerate(samples)]
-        table = pa.Table.from_pylist([dict(zip(CHUNK.names, row, strict=True)) for row in flat], schema=CHUNK)
-        self.store.save(self._file(c), self.keys[c], table)
-        self.done[c] = table
+        return pa.Table.from_pylist([dict(zip(CHUNK.names, row, strict=True)) for row in flat], schema=CHUNK)
 
     def _sample(self, generated: list[int]) -> Sample:
         ids, finish = trim(generated, self.stops, self.config.max_new_tokens)
@@ -257,6 +286,17 @@ class _Work:
 
     def rows(self) -> pa.Table:
         return pa.concat_tables([CHUNK.empty_table()] + [self.done[c] for c in self.chunks])
+
+
+def chunk_samples(engine, config: GenerateConfig, ids: list[str], tokens: list[list[int]], stops: list[int],
+                  tok) -> tuple[pa.Table, int]:
+    """One chunk generated as `_Work` generates it (`CHUNK` rows, `index` counted from the chunk's first prompt),
+    and its new tokens: what a Ray actor computes (`ray_stages`)."""
+    prompts = Prompts(tuple(ids), tuple(ids), tuple(range(len(ids))), "text", 0)  # only the ids are read
+    work = _Work(config, None, prompts, 0, len(ids), tokens, stops, tok, identity={})
+    with progress(False, counts=True) as bar:
+        table = work._samples(engine, 0, bar, bar.add_task("", total=len(ids), rate=""), time.perf_counter())
+    return table, work.new_tokens
 
 
 def _table(inputs: Inputs, prompts: Prompts, rows: pa.Table) -> pa.Table:
@@ -270,7 +310,7 @@ def _table(inputs: Inputs, prompts: Prompts, rows: pa.Table) -> pa.Table:
     return with_ids(table).select(list(COLUMNS))
 
 
-def _score(config: GenerateConfig, table: pa.Table) -> pa.Table:
+def _score(config: GenerateConfig, table: pa.Table, cluster=None) -> pa.Table:
     """`--score`: every candidate's log-probs and implicit reward, as `sera score` computes them."""
     from sera_cli.score import score_table
     from sera_cli.score_config import ScoreConfig
@@ -280,5 +320,6 @@ def _score(config: GenerateConfig, table: pa.Table) -> pa.Table:
                      dtype=config.dtype, device=config.device, max_length=config.max_length,
                      max_prompt_length=config.max_prompt_length, cache=config.cache, resume=config.resume,
                      trust_remote_code=config.trust_remote_code, progress=config.progress)
-    scored, _ = score_table(table, sc, inputs=None, shard=(provenance.read(table) or {}).get("shard"))
+    shard = (provenance.read(table) or {}).get("shard")
+    scored, _ = cluster.score_table(table, sc, shard) if cluster else score_table(table, sc, inputs=None, shard=shard)
     return scored

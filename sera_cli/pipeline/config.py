@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sera_cli.errors import ConfigError
+from sera_cli.trackers import TRACKERS
 
 METHODS = ("sera", "sera-select", "dpo", "iterative-dpo")
 LOSSES = ("dpo", "ipo", "slic", "simpo", "cdpo", "rdpo")
@@ -51,6 +52,8 @@ class RunConfig:
     micro_batch: int = 4
     epochs: int = 1
     lora_r: int = 0
+    report_to: str = "none"  # each train stage's experiment tracker (sera_cli.trackers)
+    logging_dir: str | None = None  # the trackers' folder, one subfolder per train stage (None: beside each model)
     # models and lengths
     dtype: str = "auto"
     device: str = "auto"
@@ -59,6 +62,8 @@ class RunConfig:
     batch_tokens: int = 1024
     cache: bool = True
     trust_remote_code: bool = False
+    ray_address: str | None = None  # score and generate stages on this Ray cluster ("local": this machine's)
+    ray_actors: int | None = None  # None: one per GPU of the cluster, else 2
     # `sera eval` of pi_t against pi_0 at the end of each iteration (with eval = a prompts file)
     eval: str | None = None
     judge: str | None = None
@@ -214,6 +219,8 @@ def validate(c: RunConfig) -> list[str]:
         p.append(f"dtype must be auto, float32, bfloat16 or float16 (got {c.dtype!r})")
     if c.device not in ("auto", "cpu", "cuda"):
         p.append(f"device must be auto, cpu or cuda (got {c.device!r})")
+    if c.report_to not in TRACKERS:
+        p.append(f"report-to must be one of {', '.join(TRACKERS)} (got {c.report_to!r})")
     if c.engine not in ("auto", "hf", "vllm"):
         p.append(f"engine must be auto, hf or vllm (got {c.engine!r})")
     if c.eval and not (c.judge or c.judge_url):
@@ -222,6 +229,8 @@ def validate(c: RunConfig) -> list[str]:
         p.append("judge-url needs judge-model (the model name the endpoint serves)")
     if c.eval_mode not in ("pairwise", "single"):
         p.append(f"eval-mode must be pairwise or single (got {c.eval_mode!r})")
+    if c.ray_actors is not None and c.ray_actors < 1:
+        p.append(f"ray-actors must be >= 1 (got {c.ray_actors})")
     if c.eval_max_new_tokens < 1 or c.judge_max_tokens < 1:
         p.append("eval-max-new-tokens and judge-max-tokens must be >= 1")
     return p

@@ -77,19 +77,26 @@ def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: P
                      device=config.device, max_length=config.max_length,
                      max_prompt_length=config.max_prompt_length, batch_tokens=config.batch_tokens,
                      cache=str(lay.cache) if config.cache else None, resume=True,
-                     trust_remote_code=config.trust_remote_code)
+                     trust_remote_code=config.trust_remote_code, ray_address=config.ray_address,
+                     ray_actors=config.ray_actors)
     inputs = {"data": str(data), "policy": policy, **({"ref": ref} if use_ref else {})}
     if prev:
         inputs["prev"] = str(prev)
     settings = _score_settings(config, ensemble_lambda=config.ensemble_lambda if prev else None)
 
     def run() -> dict:
-        from sera_cli.score import score
-
-        s = score(sc)
+        s = _scored(sc)
         return {"rows": s.rows, "computed": s.computed, "cached": s.cached, "truncated": s.truncated}
 
     return Stage(key, output, inputs, settings, run, title)
+
+
+def _scored(sc):
+    """`score`, in this process or on the Ray cluster of --ray-address (same output)."""
+    from sera_cli.ray_stages import ray_score
+    from sera_cli.score import score
+
+    return (ray_score if sc.ray_address else score)(sc)
 
 
 def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int, output: Path | None = None) -> Stage:
@@ -105,11 +112,12 @@ def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int, o
                      seed=config.seed + t, lora_r=config.lora_r, dtype=config.dtype, device=config.device,
                      max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                      ref_batch_tokens=config.batch_tokens, save_steps=0, overwrite=True,
-                     trust_remote_code=config.trust_remote_code)
+                     trust_remote_code=config.trust_remote_code, report_to=config.report_to,
+                     logging_dir=str(Path(config.logging_dir) / key.replace("/", "-")) if config.logging_dir else None)
     inputs = {"data": str(data), "policy": policy, **({"ref": ref} if needs_ref else {})}
     settings = {k: v for k, v in tc.as_dict().items()
                 if k not in ("inputs", "output", "policy", "ref", "progress", "overwrite", "resume", "device",
-                             "ref_batch_tokens", "trust_remote_code")}
+                             "ref_batch_tokens", "trust_remote_code", "report_to", "logging_dir")}
 
     def run() -> dict:
         from sera_cli.train_stage import train
@@ -133,12 +141,11 @@ def _reference_stage(config: RunConfig, lay: Layout, data: Path, t: int) -> Stag
     sc = ScoreConfig(inputs=(str(data),), output=str(out), policy=ref, reward="simpo", dtype=config.dtype,
                      device=config.device, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                      batch_tokens=config.batch_tokens, cache=str(lay.cache) if config.cache else None, resume=True,
-                     trust_remote_code=config.trust_remote_code)
+                     trust_remote_code=config.trust_remote_code, ray_address=config.ray_address,
+                     ray_actors=config.ray_actors)
 
     def run() -> dict:
-        from sera_cli.score import score
-
-        s = score(sc)
+        s = _scored(sc)
         write_reference(out)
         return {"rows": s.rows, "computed": s.computed, "cached": s.cached}
 
@@ -160,12 +167,14 @@ def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) ->
     gc = GenerateConfig(inputs=(str(lay.prompts(t)),), output=str(lay.candidates(t)), policy=pol,
                         engine=config.engine, n=config.n, temperature=config.temperature, top_p=config.top_p,
                         max_new_tokens=config.max_new_tokens, seed=config.seed + t, dtype=config.dtype,
-                        device=config.device, resume=True, trust_remote_code=config.trust_remote_code)
+                        device=config.device, resume=True, trust_remote_code=config.trust_remote_code,
+                        ray_address=config.ray_address, ray_actors=config.ray_actors)
 
     def generate() -> dict:
-        from sera_cli.generation.run import generate as run
+        from sera_cli.generation.run import generate as here
+        from sera_cli.ray_stages import ray_generate
 
-        s = run(gc)
+        s = (ray_generate if gc.ray_address else here)(gc)
         return {"prompts": s.prompts, "responses": s.responses, "new_tokens": s.tokens,
                 "short_prompts": s.short_prompts, "engine": s.engine}
 

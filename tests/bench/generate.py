@@ -96,7 +96,9 @@ def run_engine(name, ref, tok, ids, args, dtype, stops):
         from sera_cli.generation.engine_hf_reference import ReferenceHFEngine
 
         engine = (HFEngine if name == "hf" else ReferenceHFEngine)(
-            ref, tok, dtype=dtype, device="cpu", batch_size=args.batch_size, temperature=0.7, top_p=0.95,
+            ref, tok, dtype=dtype, device="cpu",
+            batch_size=args.batch_size if name == "hf" else (args.baseline_batch_size or args.batch_size),
+            temperature=0.7, top_p=0.95,
             max_new_tokens=args.tokens, stop_ids=stops)
     else:
         from sera_cli.generation.engine_vllm import VLLMEngine
@@ -153,6 +155,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", "--tokens", dest="tokens", type=int, default=128)
     ap.add_argument("--dtype", choices=("auto", "bfloat16", "float32", "both"), default="auto")
     ap.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per generate call")
+    ap.add_argument("--baseline-batch-size", type=int, default=None,
+                    help="the baseline engine's batch (default: --batch-size; 64 is today's default)")
     ap.add_argument("--engines", default="baseline,hf", help="comma-separated: loop, baseline, hf, vllm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
