@@ -24,7 +24,7 @@ TRL_COLUMNS = {"logp_ref_chosen": "ref_chosen_logps", "logp_ref_rejected": "ref_
 KEPT = ("prompt", "chosen", "rejected", "id")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     inputs: tuple[str, ...]
     output: str

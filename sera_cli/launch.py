@@ -205,7 +205,7 @@ def _finished_part(part: Path, config, kind: str) -> bool:
     if (shard.get("index"), shard.get("count")) != tuple(config.shard):
         return False
     now = json.loads(json.dumps({k: v for k, v in config.as_dict().items()
-                                 if k not in RUN_ONLY and k not in ("extra", "progress")}))
+                                 if k not in RUN_ONLY and k != "progress"}))
     if {k: v for k, v in (prov.get("config") or {}).items() if k not in RUN_ONLY} != now:
         return False
     digests = [p.get("file_digest") for p in prov.get("parents") or []]

@@ -24,7 +24,7 @@ RUN_ONLY = frozenset({"inputs", "output", "shard", "resume", "progress", "cache"
 _HINT = "merge only the outputs of one 'sera score --shard i/n' or 'sera generate --shard i/n' job"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeConfig:
     shards: tuple[str, ...]
     output: str

@@ -220,7 +220,7 @@ class RayCluster:
         out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
         truncated = int(pc.sum(out.column("truncated")).as_py() or 0)
         prov = provenance.record(  # as score_table records it, and the cluster
-            "score", {k: v for k, v in config.as_dict().items() if k not in ("extra", "progress")},
+            "score", {k: v for k, v in config.as_dict().items() if k != "progress"},
             logps=provs[0].get("logps"), models=provs[0].get("models"), rows=out.num_rows, truncated=truncated,
             **({"shard": shard} if shard else {}),
             parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p],

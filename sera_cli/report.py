@@ -221,51 +221,11 @@ def as_json(reports: list[RunReport]) -> list[dict[str, Any]]:
 
 
 def figure(reports: list[RunReport], path: Path) -> None:
-    """Held-out accuracy per iteration, loss per step, and the IRM of clean vs flipped pairs."""
-    import matplotlib
+    """report.png: held-out accuracy per iteration, loss per step, and the IRM of clean vs flipped pairs."""
+    from sera_cli.plots import report_figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax = axes[0]
-    for r in reports:
-        ts = [i.t for i in r.iterations if i.heldout_accuracy is not None]
-        ax.plot(ts, [i.heldout_accuracy for i in r.iterations if i.heldout_accuracy is not None], "o-",
-                label=f"{r.name} (given labels)")
-        true = [(i.t, i.heldout_accuracy_true) for i in r.iterations if i.heldout_accuracy_true is not None]
-        if true:
-            ax.plot(*zip(*true, strict=True), "s--", label=f"{r.name} (true labels)")
-    ax.set(title="held-out reward accuracy", xlabel="iteration", ylim=(0, 1))
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    for r in reports:
-        start = 0
-        for i in r.iterations:
-            if i.losses:
-                ax.plot(range(start, start + len(i.losses)), i.losses, label=f"{r.name} it{i.t}")
-                start += len(i.losses)
-    ax.set(title="train loss per step", xlabel="step (iterations in turn)")
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    shown = next((r for r in reports if r.irm), None)
-    if shown:
-        values = np.concatenate(list(shown.irm.values()))
-        bins = np.linspace(values.min(), values.max(), 30)
-        for label, v in shown.irm.items():
-            ax.hist(v, bins=bins, alpha=0.6, label=f"{label} ({len(v)})")
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set(title=f"IRM of offline data, last scoring ({shown.name})", xlabel="IRM")
-        ax.legend(fontsize=7)
-    else:
-        ax.set(title="IRM: no offline scoring in these runs")
-        ax.axis("off")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save(report_figure(reports), path)
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import pyarrow as pa
 
 from sera_cli import provenance
 from sera_cli.chunk_store import ChunkStore, shard_record, shard_rows
-from sera_cli.chunked import ChunkedLogps
 from sera_cli.console import console
 from sera_cli.contract import check_candidates, check_pairs, is_candidates, with_ids
-from sera_cli.errors import ConfigError, InputError, SeraError
+from sera_cli.errors import InputError, SeraError
 from sera_cli.io import STDIO, Inputs, check_writable, read_inputs, read_parquet, write_parquet
+from sera_cli.logp_chunks import ChunkedLogps
 from sera_cli.rewards import averaged_reward, dpo_reward, ensemble_margin, reward_margin, simpo_reward
 from sera_cli.score_config import ScoreConfig
 
@@ -49,32 +49,12 @@ class ScoreSummary:
                 f"{self.resumed:,} resumed{stale}{rate}); {self.truncated:,} truncated -> {self.output}")
 
 
-def validate(config: ScoreConfig) -> None:
-    problems = []
-    if config.reward != "simpo" and not config.ref:
-        problems.append(f"--reward {config.reward} needs --ref (the reference model is never taken silently from the policy)")
-    if config.reward == "simpo" and config.ref:
-        problems.append("--reward simpo is reference-free: drop --ref")
-    if config.beta <= 0:
-        problems.append(f"--beta must be > 0 (got {config.beta})")
-    if not 0.0 <= config.ensemble_lambda <= 1.0:
-        problems.append(f"--ensemble-lambda must be in [0, 1] (got {config.ensemble_lambda})")
-    if config.shard and not 0 <= config.shard[0] < config.shard[1]:
-        problems.append(f"--shard {config.shard[0]}/{config.shard[1]}: need 0 <= i < n")
-    if config.resume and config.output == STDIO:
-        problems.append("--resume needs a file output (-o FILE), not stdout")
-    if config.ray_actors is not None and config.ray_actors < 1:
-        problems.append(f"--ray-actors must be >= 1 (got {config.ray_actors})")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def score(config: ScoreConfig) -> ScoreSummary:
     """Read the inputs, score them, write the output atomically. Under a launcher of N processes, each scores
     its shard and the first merges them (`sera_cli.launch`)."""
     from sera_cli.launch import ranked, world
 
-    validate(config)
+    config.check()
     if (w := world()).size > 1:
         return ranked(_score, config, "score", w)
     return _score(config)
@@ -96,7 +76,7 @@ def _score(config: ScoreConfig) -> ScoreSummary:
 def prepared(config: ScoreConfig) -> tuple[Inputs, pa.Table, int, dict[str, Any] | None]:
     """The checked inputs, the rows to score (this shard's, with `id`), where they start in the inputs, and the
     shard's record; settings and inputs are checked before any model is loaded."""
-    validate(config)
+    config.check()
     inputs = read_inputs(list(config.inputs))
     candidates = is_candidates(inputs.table)
     check_candidates(inputs) if candidates else check_pairs(inputs)
@@ -126,12 +106,12 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
             own.finish()
             return scored
     from sera_cli import lineage
-    from sera_cli.identity import logp_identity
+    from sera_cli.batched_logps import encode_rows, flat_sequences
+    from sera_cli.logp_identity import logp_identity
     from sera_cli.models import check_context, check_same_tokenizer, load_tokenizer, resolve, resolved_dtype
-    from sera_cli.scorer import encode_rows, flat_sequences
 
     t0 = time.perf_counter()
-    validate(config)
+    config.check()
     candidates = is_candidates(table)
     name = inputs.name if inputs else "<table>"
     roles = {"policy": resolve(config.policy)}
@@ -171,7 +151,7 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
             out = out.drop_columns([col])
         out = out.append_column(col, pa.array(values))
     prov = provenance.record(
-        "score", {k: v for k, v in config.as_dict().items() if k not in ("extra", "progress")},
+        "score", {k: v for k, v in config.as_dict().items() if k != "progress"},
         logps={role: identities.get(role) for role in ("policy", "ref")},
         models={role: ref.identity() for role, ref in roles.items()},
         rows=out.num_rows, truncated=int(cols["truncated"].sum()), **({"shard": shard} if shard else {}),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from sera_cli.errors import ConfigError
 from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
     inputs: tuple[str, ...]
     output: str
@@ -31,10 +32,30 @@ class ScoreConfig:
     chunk_rows: int = 256
     trust_remote_code: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
     # --ray / --ray-address: the chunks are scored by an actor pool on a Ray cluster (`ray_stages`)
     ray_address: str | None = None  # "local": the Ray of this machine (joined, else started); "auto", "ray://..."
     ray_actors: int | None = None  # None: one per GPU of the cluster, else 2
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        """Every problem with the settings at once, as one ConfigError."""
+        problems = []
+        if self.reward != "simpo" and not self.ref:
+            problems.append(f"--reward {self.reward} needs --ref (the reference model is never taken silently "
+                            "from the policy)")
+        if self.reward == "simpo" and self.ref:
+            problems.append("--reward simpo is reference-free: drop --ref")
+        if self.beta <= 0:
+            problems.append(f"--beta must be > 0 (got {self.beta})")
+        if not 0.0 <= self.ensemble_lambda <= 1.0:
+            problems.append(f"--ensemble-lambda must be in [0, 1] (got {self.ensemble_lambda})")
+        if self.shard and not 0 <= self.shard[0] < self.shard[1]:
+            problems.append(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= i < n")
+        if self.resume and self.output == "-":
+            problems.append("--resume needs a file output (-o FILE), not stdout")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            problems.append(f"--ray-actors must be >= 1 (got {self.ray_actors})")
+        if problems:
+            raise ConfigError("; ".join(problems))

@@ -38,7 +38,7 @@ class QueryError(SeraError):
     """DuckDB rejected the query."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SqlConfig:
     query: str
     inputs: tuple[str, ...]
@@ -46,11 +46,15 @@ class SqlConfig:
     json: bool = False
     max_rows: int = 40
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Every problem with the settings at once, as one ConfigError."""
+        problems = []
         if self.output and self.json:
-            raise ConfigError("give -o or --json, not both")
+            problems.append("give -o or --json, not both")
         if self.output and self.output != "-" and Path(self.output).suffix not in OUTPUTS:
-            raise ConfigError(f"-o {self.output}: the output must end in {', '.join(OUTPUTS)} (or be '-')")
+            problems.append(f"-o {self.output}: the output must end in {', '.join(OUTPUTS)} (or be '-')")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -237,7 +241,7 @@ def sql(config: SqlConfig) -> pa.Table:
     from sera_cli import lineage, provenance
     from sera_cli.io import check_writable, expand
 
-    config.validate()
+    config.check()
     paths = expand(list(config.inputs))
     if "-" in paths:
         raise InputError("<stdin>", "sera sql reads files, not standard input", hint="give the file names")

@@ -46,8 +46,8 @@ class Pairs:
 
 
 def read_pairs(config: TrainConfig, tok) -> Pairs:
+    from sera_cli.batched_logps import encode_rows
     from sera_cli.models import check_context, resolve
-    from sera_cli.scorer import encode_rows
 
     inputs, trl_named = sera_named(read_inputs(list(config.inputs)))
     check_pairs(inputs)
@@ -123,7 +123,7 @@ def _difference(stored: dict[str, Any], wanted: dict[str, Any], keys: tuple[str,
 
 def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
     """Decide where the reference log-probs come from (see the module docstring); raise on any mismatch."""
-    from sera_cli.identity import logp_identity
+    from sera_cli.logp_identity import logp_identity
     from sera_cli.models import (
         chat_template_hash,
         check_same_tokenizer,
@@ -199,9 +199,9 @@ def compute_reference(plan: RefPlan, pairs: Pairs, rows: np.ndarray, config: Tra
     import contextlib
     import gc
 
+    from sera_cli.batched_logps import pair_logps
     from sera_cli.console import console
     from sera_cli.models import load_model, load_tokenizer
-    from sera_cli.scorer import pair_logps
 
     if not len(rows):
         return plan

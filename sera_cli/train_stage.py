@@ -23,7 +23,7 @@ from sera_cli.trackers import TRACKERS
 from sera_cli.train_data import compute_reference, plan_reference, read_pairs, ref_source
 from trainers import checkpoint
 from trainers.batch_order import longest_first_steps, needed_rows, step_batches
-from trainers.config import TrainConfig, validate
+from trainers.config import TrainConfig
 from trainers.precision import compute_dtype
 
 # Settings that do not change the numbers of a run: a checkpoint made with other values still resumes.
@@ -54,10 +54,10 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     from trainers.loop import fit
 
     t0 = time.perf_counter()
-    validate(config)
+    config.check()
     partial = check_output(config)
     acc = make_accelerator(config)
-    if acc.is_main_process and (config.progress or acc.num_processes > 1):  # -q: said only for several
+    if acc.is_main_process and (acc.num_processes > 1 or launched()):  # a launcher's run says how many ran
         console.print(world_line(config, acc.num_processes, acc.device.type, acc.distributed_type.value),
                       soft_wrap=True, highlight=False, markup=False)
     tok, pairs, steps, refs, plan = prepare_data(config, acc)
@@ -209,6 +209,12 @@ def load_policy(config: TrainConfig, acc):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def launched() -> bool:
+    """Whether a launcher started this process (`accelerate launch` sets ACCELERATE_* even for one process,
+    torchrun sets WORLD_SIZE), so a launch that fell back to one process says so."""
+    return "WORLD_SIZE" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)
 
 
 def world_line(config: TrainConfig, processes: int, device: str, kind: str) -> str:

@@ -149,7 +149,8 @@ def test_collect_redraws_duplicates_and_reports_shortfall():
 
 
 def test_config_problems_reported_together():
-    config = GenerateConfig(("x",), "-", n=4, temperature=0, top_p=1.5, resume=True, shard=(3, 2))
+    config = GenerateConfig(inputs=("x",), output="-", n=4, temperature=0, top_p=1.5, resume=True, shard=(3,
+                            2))
     with pytest.raises(Exception) as err:
         config.check()
     assert str(err.value) == (
@@ -160,7 +161,7 @@ def test_config_problems_reported_together():
 
 def test_config_unknown_reward():
     with pytest.raises(Exception) as err:
-        GenerateConfig(("x",), "o.parquet", reward="orpo", score=True).check()
+        GenerateConfig(inputs=("x",), output="o.parquet", reward="orpo", score=True).check()
     assert str(err.value) == "--reward orpo: expected dpo, ipo or simpo"
 
 

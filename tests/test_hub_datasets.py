@@ -111,3 +111,61 @@ def test_subset_names_the_config(tmp_path):
     assert r.stderr.splitlines()[0] == "acme/multi:fr:train: 6 rows (plain) -> 6 pairs"
     r = sera(env, "convert", "acme/multi", "-o", out)  # two subsets in the cache and none named
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "en, fr" in r.stderr, r.stderr
+
+
+def test_run_attaches_split_and_subset_to_hub_names(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sera_cli.app import app
+    from sera_cli.errors import ConfigError
+    from sera_cli.pipeline import loop
+    from sera_cli.pipeline.config import build
+
+    assert build(None, {"data": ("acme/pairs", "a.parquet"), "split": "train"}).data == ("acme/pairs:train",
+                                                                                          "a.parquet")
+    toml = tmp_path / "sera.toml"
+    toml.write_text('data = ["acme/pairs"]\nsubset = "fr"\nsplit = "test[:100]"\n')
+    assert build(toml, {}).data == ("acme/pairs:fr:test[:100]",)
+    assert build(toml, {"split": "train"}).data == ("acme/pairs:fr:train",)  # the flag beats the file
+    with pytest.raises(ConfigError) as err:
+        build(None, {"data": ("a.parquet",), "split": "train", "k1": 2.0})
+    assert str(err.value) == ("invalid run settings (2 problems): --split applies to Hub dataset inputs (org/name), "
+                              "and none of the inputs is one; k1 must be in (0, 1] (got 2.0)")
+    seen = []
+
+    def fake_loop(config, on_stage):  # the config the pipeline receives; no stage runs
+        seen.append(config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run", fake_loop)
+    r = CliRunner().invoke(app, ["run", "acme/pairs", "--split", "train", "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 130, r.output
+    assert seen[0].data == ("acme/pairs:train",) and seen[0].split == "train"
+
+
+SPLIT_STAGE = """
+import sys
+from pathlib import Path
+from sera_cli.pipeline.config import load
+from sera_cli.pipeline.layout import Layout
+from sera_cli.pipeline.loop import check_start, schedule
+from sera_cli.pipeline.stages import Ledger
+
+config = load(None, {"data": ("acme/pairs",), "split": "test", "heldout": 0.0, "workdir": sys.argv[1]})
+check_start(config)
+lay = Layout(Path(config.workdir))
+lay.root.mkdir(parents=True)
+ledger = Ledger.open(lay.root, config.as_dict())
+stage = next(schedule(config, lay))
+print(stage.key, ledger.execute(stage)[0], ledger.execute(stage)[0])
+"""
+
+
+def test_run_split_stage_reads_a_cached_hub_split(tmp_path):
+    home = tmp_path / "hf"
+    cached_dataset(home, "acme/pairs", {"train": ROWS, "test": ROWS[:2]})
+    done = subprocess.run([sys.executable, "-c", SPLIT_STAGE, str(tmp_path / "w")], env=offline_env(home),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["split/train", "ran", "skipped"]  # the split's rows hash the same again
+    assert pq.read_table(tmp_path / "w" / "train.parquet").column("prompt").to_pylist() == ["q0", "q1"]

@@ -100,6 +100,52 @@ def test_inspect_text_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+def _legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _lines_at(ax, value: float, axis: int) -> list:
+    """The straight lines of `ax` at `value`: vertical (axis 0, x constant) or horizontal (axis 1, y constant)."""
+    return [ln for ln in ax.get_lines() if np.allclose(ln.get_data()[axis], value)]
+
+
+@pytest.mark.parametrize("n", [6, 400])
+def test_inspect_figure_shows_clean_flipped_and_the_top_k1_cut(tmp_path, n):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sera_cli.inspect import InspectConfig, inspect
+    from sera_cli.plots import inspect_figure, save
+
+    path, table = flipped_file(tmp_path, n)
+    rep = inspect(InspectConfig(inputs=(path,), k1=0.7))
+    irm = table.column("irm").to_numpy()
+    kept = int(0.7 * n + 1e-9)                            # 4 of 6, 280 of 400
+    assert rep["top_k1"] == {"k1": 0.7, "rows": kept, "irm_min": pytest.approx(np.sort(irm)[-kept], abs=1e-6)}
+    cut = rep["top_k1"]["irm_min"]
+    fig = inspect_figure(pq.read_table(path), rep)
+    hist, scatter = fig.axes
+    n_flipped = int(table.column("flipped").to_numpy(zero_copy_only=False).sum())
+    assert 0 < n_flipped < n
+    for ax in (hist, scatter):
+        labels = _legend(ax)
+        assert f"clean ({n - n_flipped:,})" in labels and f"flipped ({n_flipped:,})" in labels
+        assert f"top k1 = 0.7 cut (irm >= {cut:.3g}, {kept:,} kept)" in labels
+    assert "--" in [ln.get_linestyle() for ln in _lines_at(hist, cut, 0)]      # vertical: irm is x
+    assert "--" in [ln.get_linestyle() for ln in _lines_at(scatter, cut, 1)]   # horizontal: irm is y
+    clean, flipped = scatter.collections                                      # one scatter per group
+    assert len(clean.get_offsets()) == n - n_flipped and len(flipped.get_offsets()) == n_flipped
+    assert clean.get_facecolor()[0][:3] != pytest.approx(flipped.get_facecolor()[0][:3])
+    size, alpha = clean.get_sizes()[0], clean.get_alpha()
+    shrink = (200 / n) ** 0.5                             # n <= 200: large and opaque; above, area and alpha shrink
+    assert (size, alpha) == ((60.0, 0.9) if n == 6 else (pytest.approx(40 * shrink), pytest.approx(0.9 * shrink)))
+    assert hist.get_xlabel() == "irm = r(chosen) - r(rejected) [beta x nats]" and hist.get_ylabel() == "pairs [count]"
+    assert scatter.get_xlabel() == "len(chosen) - len(rejected) [characters]"
+    png = tmp_path / "f.png"
+    save(fig, png)
+    assert png.stat().st_size > 10_000
+
+
 def test_inspect_uses_token_counts_when_scored(tmp_path):
     table = pa.table({"prompt": ["p"] * 4, "chosen": ["a", "bb", "c", "d"], "rejected": ["e", "f", "g", "h"],
                       "irm": [1.0, 2.0, 3.0, 4.0], "ntok_chosen": [5, 6, 7, 8], "ntok_rejected": [4, 4, 4, 4]})

@@ -56,7 +56,8 @@ def test_two_processes_score_like_one(tmp_path, tiny_policy, tiny_ref):
                   "float32", "-q", "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("score on 2 processes: 6 rows -> ") == 1, proc.stderr  # one line, from rank 0
-    single = score(ScoreConfig((pairs,), str(tmp_path / "single.parquet"), tiny_policy, ref=tiny_ref,
+    single = score(ScoreConfig(inputs=(pairs,), output=str(tmp_path / "single.parquet"), policy=tiny_policy,
+                               ref=tiny_ref,
                                chunk_rows=2, dtype="float32", progress=False))
     assert single.rows == 6
     a, b = pq.read_table(out), pq.read_table(tmp_path / "single.parquet")
@@ -79,7 +80,8 @@ def test_two_processes_generate_like_one(tmp_path, tiny_policy):
     proc = launch("generate", prompts, "--policy", tiny_policy, *common, "-q", "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("generate on 2 processes: 8 rows -> ") == 1, proc.stderr
-    generate(GenerateConfig((prompts,), str(tmp_path / "single.parquet"), tiny_policy, n=2, max_new_tokens=6,
+    generate(GenerateConfig(inputs=(prompts,), output=str(tmp_path / "single.parquet"), policy=tiny_policy,
+                            n=2, max_new_tokens=6,
                             seed=3, chunk_prompts=1, engine="hf", dtype="float32", progress=False))
     a, b = pq.read_table(out), pq.read_table(tmp_path / "single.parquet")
     for col in ("prompt_id", "response"):
@@ -118,7 +120,8 @@ def test_a_failing_rank_fails_the_job_in_one_line(tmp_path, tiny_policy, tiny_re
 def test_a_finished_part_is_reused_only_for_the_same_work(tmp_path, tiny_policy, tiny_ref):
     pairs = six_pairs(tmp_path)
     part = tmp_path / "part-00000-of-00002.parquet"
-    config = ScoreConfig((pairs,), str(part), tiny_policy, ref=tiny_ref, chunk_rows=2, dtype="float32",
+    config = ScoreConfig(inputs=(pairs,), output=str(part), policy=tiny_policy, ref=tiny_ref, chunk_rows=2,
+                         dtype="float32",
                          shard=(0, 2), progress=False)
     score(config)
     assert _finished_part(part, replace(config, resume=True), "score")
@@ -146,7 +149,7 @@ def test_launched_stages_refuse_stdout_and_shards(tmp_path, monkeypatch, tiny_po
     from sera_cli.launch import ranked
 
     pairs = six_pairs(tmp_path)
-    config = ScoreConfig((pairs,), "-", tiny_policy, ref=tiny_ref)
+    config = ScoreConfig(inputs=(pairs,), output="-", policy=tiny_policy, ref=tiny_ref)
     with pytest.raises(ConfigError, match="2 processes cannot share standard output: give -o FILE"):
         ranked(score, config, "score", World(0, 2, 0))
     with pytest.raises(ConfigError, match="--shard 0/2 under a launcher of 2 processes"):

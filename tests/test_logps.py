@@ -33,7 +33,8 @@ def _score_file(tmp_path, table, model_dir, name="in.parquet"):
     src = tmp_path / name
     pq.write_table(table, src)
     out = tmp_path / f"scored-{name}"
-    score(ScoreConfig((str(src),), str(out), model_dir, model_dir, progress=False, batch_tokens=512))
+    score(ScoreConfig(inputs=(str(src),), output=str(out), policy=model_dir, ref=model_dir, progress=False,
+                      batch_tokens=512))
     return pq.read_table(out).to_pylist()
 
 
@@ -119,7 +120,7 @@ def test_truncation_cuts_prompt_left_and_response_right():
 
 
 def test_prompt_sharing_equals_separate_sequences(tiny_policy):
-    from sera_cli.scorer import flat_sequences, sequences_logps
+    from sera_cli.batched_logps import flat_sequences, sequences_logps
 
     ref = resolve(tiny_policy)
     model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
@@ -134,14 +135,14 @@ def test_prompt_sharing_equals_separate_sequences(tiny_policy):
 def test_prompt_sharing_in_small_windows_and_tight_batches_gives_the_same_numbers(tiny_policy, monkeypatch):
     """Many prompt windows and one-response batches (keys gathered from several prompt batches) change the
     batching only, never the numbers."""
-    import sera_cli.scorer
-    from sera_cli.scorer import flat_sequences, sequences_logps
+    import sera_cli.batched_logps
+    from sera_cli.batched_logps import flat_sequences, sequences_logps
 
     ref = resolve(tiny_policy)
     model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
     encs = [encode(tok, p, [c, r]) for p, c, r in STANDARD_ROWS]
     seqs = flat_sequences(encs)
     separate, _ = sequences_logps(model, seqs, tok.pad_token_id, share_prompts=False)
-    monkeypatch.setattr(sera_cli.scorer, "PROMPT_WINDOW_TOKENS", 1)  # every prompt its own window
+    monkeypatch.setattr(sera_cli.batched_logps, "PROMPT_WINDOW_TOKENS", 1)  # every prompt its own window
     windowed, _ = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=8)
     np.testing.assert_allclose(windowed, separate, atol=1e-4, rtol=0)

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from sera_cli import provenance
 from sera_cli.app import app
 from sera_cli.hashing import file_digest
-from sera_cli.mixing import plan
-from sera_cli.selection import fraction_count
+from sera_cli.mix import plan
+from sera_cli.select import fraction_count
 
 runner = CliRunner()
 CHAIN = {"stage": "select", "parents": [{"stage": "score", "parents": [{"stage": "convert", "source_rows": 10}]}]}

@@ -80,6 +80,34 @@ def test_side_by_side_markdown_and_figure(tmp_path):
     assert "wrote " in result.stderr and "wrote " not in result.stdout
 
 
+def test_figure_has_chance_line_distinct_series_and_integer_iterations(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sera_cli.plots import report_figure, save
+
+    reports = [report.collect(make_run(tmp_path / "A", 2)), report.collect(make_run(tmp_path / "B", 1, "dpo"))]
+    fig = report_figure(reports)
+    acc, loss, hist = fig.axes
+    chance = [ln for ln in acc.get_lines() if ln.get_label() == "chance (0.5)"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.5, 0.5] and chance[0].get_linestyle() == "--"
+    series = [ln for ln in acc.get_lines() if ln is not chance[0]]
+    assert [ln.get_label() for ln in series] == ["A (given labels)", "A (true labels)", "B (given labels)",
+                                                 "B (true labels)"]
+    assert len({ln.get_marker() for ln in series}) == 4                  # every series its own marker
+    assert len({ln.get_color() for ln in series}) == 2                   # a run keeps its colour...
+    assert {ln.get_linestyle() for ln in series} == {"-", "--"}          # ...given and true labels differ in style
+    assert [t.get_text() for t in acc.get_legend().get_texts()][-1] == "chance (0.5)"
+    assert list(acc.get_xticks()) == [1, 2]                              # iterations, never 0.95 or 1.05
+    runs = loss.get_lines()
+    assert [ln.get_label() for ln in runs] == ["A it1", "B it1"]
+    assert runs[0].get_color() != runs[1].get_color() and runs[0].get_linestyle() != runs[1].get_linestyle()
+    assert [t.get_text() for t in hist.get_legend().get_texts()] == ["clean (4)", "flipped (2)", "irm = 0"]
+    png = tmp_path / "r.png"
+    save(fig, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 def test_json_has_every_iteration_for_machines(tmp_path):
     import json
 

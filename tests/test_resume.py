@@ -228,8 +228,10 @@ def test_a_checkpoint_save_cut_between_its_renames_resumes(tmp_path, tiny_policy
 
     pq.write_table(standard_table(), tmp_path / "pairs.parquet")
     scored = str(tmp_path / "scored.parquet")
-    score(ScoreConfig((str(tmp_path / "pairs.parquet"),), scored, tiny_policy, tiny_ref, progress=False))
-    cfg = TrainConfig((scored,), str(tmp_path / "model"), tiny_policy, lr=1e-3, batch_size=1, micro_batch=1,
+    score(ScoreConfig(inputs=(str(tmp_path / "pairs.parquet"),), output=scored, policy=tiny_policy,
+                      ref=tiny_ref, progress=False))
+    cfg = TrainConfig(inputs=(scored,), output=str(tmp_path / "model"), policy=tiny_policy, lr=1e-3,
+                      batch_size=1, micro_batch=1,
                       progress=False, dtype="float32", save_steps=2)
     train(replace(cfg, output=str(tmp_path / "straight")))
     reference = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from sera_cli import provenance
 from sera_cli.app import app
+from sera_cli.candidate_pairs import build_pairs
 from sera_cli.hashing import file_digest
 from sera_cli.io import Inputs, Source
-from sera_cli.pairing import build_pairs
-from sera_cli.selection import choose, fraction_count
+from sera_cli.select import choose, fraction_count
 
 runner = CliRunner()
 MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

@@ -44,7 +44,8 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, tiny_policy, ti
                              "step (up to 2 per process, micro-batches of 1)") == 1, proc.stderr[-2000:]
     sera = json.loads(Path(tmp_path / "ddp" / "sera.json").read_text())
     assert (sera["world_size"], sera["distributed_type"]) == (2, "MULTI_CPU")
-    train(TrainConfig((str(pairs),), str(tmp_path / "single"), tiny_policy, ref=tiny_ref, lr=1e-3, batch_size=3,
+    train(TrainConfig(inputs=(str(pairs),), output=str(tmp_path / "single"), policy=tiny_policy,
+                      ref=tiny_ref, lr=1e-3, batch_size=3,
                       micro_batch=3, epochs=2, dtype="float32", progress=False))
     assert json.loads(Path(tmp_path / "single" / "sera.json").read_text())["world_size"] == 1
     ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")

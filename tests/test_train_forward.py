@@ -111,7 +111,8 @@ def test_training_with_shared_prompts_repeats_the_unshared_losses(tmp_path, tabl
     runs = {}
     for share in (True, False):
         out = tmp_path / str(share)
-        train(TrainConfig((table_files[kind],), str(out), tiny_policy, ref=tiny_ref, lr=1e-3, batch_size=4,
+        train(TrainConfig(inputs=(table_files[kind],), output=str(out), policy=tiny_policy, ref=tiny_ref,
+                          lr=1e-3, batch_size=4,
                           micro_batch=2, epochs=2, max_steps=3, lora_r=lora, share_prompts=share, dtype="float32",
                           progress=False))
         runs[share] = metrics(out)
@@ -139,7 +140,8 @@ def test_steps_keep_their_pairs_and_run_longest_first(tiny_policy):
 def test_length_order_changes_no_step_loss(tmp_path, table_files, tiny_policy, tiny_ref):
     runs = {}
     for sort in (True, False):
-        train(TrainConfig((table_files["standard"],), str(tmp_path / str(sort)), tiny_policy, ref=tiny_ref, lr=1e-3,
+        train(TrainConfig(inputs=(table_files["standard"],), output=str(tmp_path / str(sort)),
+                          policy=tiny_policy, ref=tiny_ref, lr=1e-3,
                           batch_size=4, micro_batch=2, epochs=2, length_sort=sort, dtype="float32", progress=False))
         runs[sort] = metrics(tmp_path / str(sort))
     assert [r["pairs"] for r in runs[True]] == [4, 2, 4, 2]
@@ -172,7 +174,8 @@ def test_bfloat16_autocast_trains_float32_weights_near_the_float32_losses(tmp_pa
     runs = {}
     for dtype in ("float32", "bfloat16", "auto"):
         out = tmp_path / dtype
-        train(TrainConfig((table_files["standard"],), str(out), tiny_policy, loss="simpo", lr=1e-3, batch_size=3,
+        train(TrainConfig(inputs=(table_files["standard"],), output=str(out), policy=tiny_policy,
+                          loss="simpo", lr=1e-3, batch_size=3,
                           micro_batch=3, max_steps=2, dtype=dtype, progress=False))
         runs[dtype] = [r["loss"] for r in metrics(out)]
         sera = json.loads((out / "sera.json").read_text())
@@ -193,8 +196,10 @@ def test_float32_reference_from_score_is_reused_under_autocast(tmp_path, table_f
     from sera_cli.score_config import ScoreConfig
 
     scored = tmp_path / "scored.parquet"
-    score(ScoreConfig((table_files["standard"],), str(scored), tiny_policy, tiny_ref, progress=False))
-    summary = train(TrainConfig((str(scored),), str(tmp_path / "out"), tiny_policy, ref=tiny_ref, lr=1e-3,
+    score(ScoreConfig(inputs=(table_files["standard"],), output=str(scored), policy=tiny_policy,
+                      ref=tiny_ref, progress=False))
+    summary = train(TrainConfig(inputs=(str(scored),), output=str(tmp_path / "out"), policy=tiny_policy,
+                                ref=tiny_ref, lr=1e-3,
                                 batch_size=2, micro_batch=2, max_steps=1, progress=False))
     assert summary.ref_source == "input"
     sera = json.loads((tmp_path / "out" / "sera.json").read_text())

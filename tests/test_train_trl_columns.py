@@ -27,7 +27,8 @@ def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
     folder = tmp_path_factory.mktemp("scored")
     pq.write_table(standard_table(), folder / "pairs.parquet")
     out = str(folder / "scored.parquet")
-    score(ScoreConfig((str(folder / "pairs.parquet"),), out, tiny_policy, tiny_ref, progress=False))
+    score(ScoreConfig(inputs=(str(folder / "pairs.parquet"),), output=out, policy=tiny_policy, ref=tiny_ref,
+                      progress=False))
     return out
 
 
@@ -40,7 +41,7 @@ def stored_losses(tmp_path_factory, scored, tiny_policy, tiny_ref) -> list[float
 
 def config(inputs, output, policy, **kw) -> TrainConfig:
     base = dict(lr=1e-3, batch_size=2, micro_batch=2, max_steps=2, progress=False, dtype="float32")
-    return TrainConfig((str(inputs),), str(output), policy, **{**base, **kw})
+    return TrainConfig(inputs=(str(inputs),), output=str(output), policy=policy, **{**base, **kw})
 
 
 def losses(folder) -> list[float]:

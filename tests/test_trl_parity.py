@@ -44,7 +44,7 @@ def test_tokens_and_reference_logps_match_trl(tmp_path, tiny_policy, tiny_ref, t
     tok = load_tokenizer(resolve(tiny_ref))
     src, out = tmp_path / "pairs.parquet", tmp_path / "scored.parquet"
     pq.write_table(table, src)
-    score(ScoreConfig((str(src),), str(out), tiny_policy, tiny_ref, progress=False))
+    score(ScoreConfig(inputs=(str(src),), output=str(out), policy=tiny_policy, ref=tiny_ref, progress=False))
     for row in pq.read_table(out).to_pylist():
         trl_row = theirs[_key(row)]
         enc = encode(tok, row["prompt"], [row["chosen"], row["rejected"]], 1024, 512)
@@ -69,7 +69,8 @@ def test_trl_trains_on_exported_reference_logps_with_the_same_losses(tmp_path, t
     table = table_fn()
     src, scored, trl_file = (tmp_path / f"{n}.parquet" for n in ("pairs", "scored", "trl"))
     pq.write_table(table, src)
-    score(ScoreConfig(inputs=(str(src),), output=str(scored), policy=tiny_policy, ref=tiny_policy, progress=False))
+    score(ScoreConfig(inputs=(str(src),), output=str(scored), policy=tiny_policy, ref=tiny_policy,
+                      progress=False))
     export(ExportConfig(inputs=(str(scored),), output=str(trl_file)))
     exported = Dataset.from_parquet(str(trl_file))
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(exported.column_names)

@@ -12,7 +12,7 @@ from trainers.losses import LOSSES, LossSpec
 SCHEDULES = ("linear", "cosine", "constant")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     inputs: tuple[str, ...]
     output: str
@@ -74,42 +74,36 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def problems(config: TrainConfig) -> list[str]:
-    """Every out-of-range or contradictory setting, worded as the user typed it."""
-    out = []
-    if config.loss not in LOSSES:
-        return [f"--loss {config.loss}: expected one of {', '.join(LOSSES)}"]
-    if not 0 < config.lr < 1:
-        out.append(f"--lr must be in (0, 1) (got {config.lr:g})")
-    if not config.resolved_beta > 0:
-        out.append(f"--beta must be > 0 (got {config.resolved_beta:g})")
-    if "eps" in config.spec.params and not 0 <= config.eps < 0.5:
-        out.append(f"--eps must be in [0, 0.5) (got {config.eps:g})")
-    if config.schedule not in SCHEDULES:
-        out.append(f"--schedule {config.schedule}: expected one of {', '.join(SCHEDULES)}")
-    if not 0 <= config.warmup_ratio < 1:
-        out.append(f"--warmup-ratio must be in [0, 1) (got {config.warmup_ratio:g})")
-    for name in ("batch_size", "micro_batch", "epochs"):
-        if getattr(config, name) < 1:
-            out.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(config, name)})")
-    for name in ("weight_decay", "max_grad_norm", "lora_r", "save_steps", "lora_dropout"):
-        if getattr(config, name) < 0:
-            out.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(config, name)})")
-    if config.max_steps is not None and config.max_steps < 1:
-        out.append(f"--max-steps must be >= 1 (got {config.max_steps})")
-    if not config.spec.needs_ref and config.ref:
-        out.append(f"--loss {config.loss} is reference-free: drop --ref")
-    if config.recompute_ref and not config.ref:
-        out.append("--recompute-ref needs --ref (the model whose log-probs to compute)")
-    if config.live_ref and not config.ref:
-        out.append("--live-ref needs --ref (the model to run every step)")
-    if config.save_adapter and not config.lora_r:
-        out.append("--save-adapter needs --lora-r (there is no adapter in full fine-tuning)")
-    return out
-
-
-def validate(config: TrainConfig) -> None:
-    """Raise one ConfigError that lists every problem at once."""
-    if found := problems(config):
-        raise ConfigError("; ".join(found))
+    def check(self) -> None:
+        """Every out-of-range or contradictory setting at once, as the user typed it, in one ConfigError."""
+        out = []
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss {self.loss}: expected one of {', '.join(LOSSES)}")
+        if not 0 < self.lr < 1:
+            out.append(f"--lr must be in (0, 1) (got {self.lr:g})")
+        if not self.resolved_beta > 0:
+            out.append(f"--beta must be > 0 (got {self.resolved_beta:g})")
+        if "eps" in self.spec.params and not 0 <= self.eps < 0.5:
+            out.append(f"--eps must be in [0, 0.5) (got {self.eps:g})")
+        if self.schedule not in SCHEDULES:
+            out.append(f"--schedule {self.schedule}: expected one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio:g})")
+        for name in ("batch_size", "micro_batch", "epochs"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("weight_decay", "max_grad_norm", "lora_r", "save_steps", "lora_dropout"):
+            if getattr(self, name) < 0:
+                out.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"--max-steps must be >= 1 (got {self.max_steps})")
+        if not self.spec.needs_ref and self.ref:
+            out.append(f"--loss {self.loss} is reference-free: drop --ref")
+        if self.recompute_ref and not self.ref:
+            out.append("--recompute-ref needs --ref (the model whose log-probs to compute)")
+        if self.live_ref and not self.ref:
+            out.append("--live-ref needs --ref (the model to run every step)")
+        if self.save_adapter and not self.lora_r:
+            out.append("--save-adapter needs --lora-r (there is no adapter in full fine-tuning)")
+        if out:
+            raise ConfigError("; ".join(out))

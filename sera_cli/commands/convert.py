@@ -43,8 +43,8 @@ def convert(
     Example: sera convert trl-lib/ultrafeedback_binarized --split test -o pairs.parquet
     """
     from sera_cli.console import console
-    from sera_cli.converters import ConvertConfig
-    from sera_cli.converters import convert as run
+    from sera_cli.convert import ConvertConfig
+    from sera_cli.convert import convert as run
     from sera_cli.hub_data import with_split
 
     config = ConvertConfig(inputs=with_split(inputs, split, subset), output=output, layout=layout, format=format,

@@ -26,8 +26,8 @@ def inspect(
     import json as json_lib
 
     from sera_cli.console import console
-    from sera_cli.diagnostics import InspectConfig, render
-    from sera_cli.diagnostics import inspect as run
+    from sera_cli.inspect import InspectConfig, render
+    from sera_cli.inspect import inspect as run
 
     config = InspectConfig(inputs=tuple(inputs), k1=k1, bins=bins, plot=plot)
     report = run(config)

@@ -33,8 +33,8 @@ def mix(
     Example: sera mix --offline selected.parquet --generated generated.parquet --k1 0.7 --k2 0.3 -o train.parquet
     """
     from sera_cli.console import console
-    from sera_cli.mixing import MixConfig
-    from sera_cli.mixing import mix as run
+    from sera_cli.mix import MixConfig
+    from sera_cli.mix import mix as run
 
     config = MixConfig(offline=offline, generated=generated, output=output, k1=k1, k2=k2, n=n, seed=seed,
                        iteration=iteration, allow_shortfall=allow_shortfall)

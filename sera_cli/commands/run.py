@@ -31,8 +31,10 @@ def _opt(flag: str, help: str, **kw: Any):
 
 def run(
     data: Annotated[list[str] | None, typer.Argument(
-        help="Offline preference pairs (Parquet files or globs). None: the embedded demo set.",
-        show_default=False)] = None,
+        help="Offline preference pairs (Parquet files or globs, or Hub dataset names org/name, see --split). "
+             "None: the embedded demo set.", show_default=False)] = None,
+    split: o.SplitOpt = None,
+    subset: o.SubsetOpt = None,
     config: Annotated[Str, _opt("--config", "TOML file with any of these settings; flags override it.")] = None,
     method: Annotated[Str, _opt("--method", "sera, sera-select (k2 = 0), iterative-dpo or dpo.")] = None,
     policy: Annotated[Str, _opt("--policy", "pi_0, the SFT policy: HF folder, Hub id, .gguf, adapter or "
@@ -112,6 +114,8 @@ def run(
     Example: sera run pairs.parquet --iterations 3 --k1 0.7 --k2 0.3 --workdir runs/sera
 
     Example: sera run --config sera.toml --method iterative-dpo --workdir runs/idpo
+
+    Example: sera run trl-lib/ultrafeedback_binarized --split 'train[:2000]' --workdir runs/uf
     """
     from sera_cli.hub import with_revision
     from sera_cli.ray_stages import address
@@ -176,7 +180,7 @@ def _run(config_file: str | None, flags: dict[str, Any], report: bool) -> None:
 
 
 PANELS = {
-    o.IO: ("config", "workdir", "report", "report_to", "logging_dir"),
+    o.IO: ("config", "split", "subset", "workdir", "report", "report_to", "logging_dir"),
     "Method": ("method", "iterations", "k1", "k2", "n", "ensemble_lambda", "cross_fit", "heldout", "rows", "seed"),
     o.MODELS: ("policy", "revision", "max_length", "max_prompt_length"),
     "Loss and training": ("loss", "beta", "eps", "lr", "batch_size", "micro_batch", "epochs", "lora_r"),

@@ -32,8 +32,8 @@ def select(
     Example: sera select candidates-scored.parquet --pairs --top 0.3 -o generated.parquet
     """
     from sera_cli.console import console
-    from sera_cli.selection import SelectConfig
-    from sera_cli.selection import select as run
+    from sera_cli.select import SelectConfig
+    from sera_cli.select import select as run
 
     config = SelectConfig(inputs=tuple(inputs), output=output, top=top, count=count, min_irm=min_irm, by=by,
                           drop_ties=drop_ties, pairs=pairs)

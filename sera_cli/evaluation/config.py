@@ -10,7 +10,7 @@ from sera_cli.errors import ConfigError
 MODES = ("pairwise", "single")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     policies: tuple[str, ...]
     prompts: str

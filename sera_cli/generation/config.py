@@ -11,7 +11,7 @@ from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
 ENGINES = ("auto", "hf", "vllm")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
     inputs: tuple[str, ...]
     output: str

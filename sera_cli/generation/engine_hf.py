@@ -20,7 +20,6 @@ baseline's (a GPU's kernels may do the same in any dtype).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -113,9 +112,6 @@ class HFEngine:
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self._cache_kwarg = cache_kwarg(self.model)  # `cache` in transformers 5.20+, `past_key_values` before
-
-    def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "device": str(self.device), "batch_size": self.batch_size}
 
     def generate(self, requests: Sequence[Request], on_batch: Callable[[list[list[int]]], None] | None = None
                  ) -> list[list[list[int]]]:

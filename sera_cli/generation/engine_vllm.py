@@ -91,10 +91,6 @@ class VLLMEngine:
                            stop_token_ids=list(stop_ids), skip_special_tokens=False, detokenize=False)
         self.device, self.tensor_parallel_size = dev, tensor_parallel_size
 
-    def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "device": self.device,
-                "tensor_parallel_size": self.tensor_parallel_size}
-
     def generate(self, requests, on_batch: Callable[[list[list[int]]], None] | None = None
                  ) -> list[list[list[int]]]:
         """Generated token ids for each request's samples, in request order."""

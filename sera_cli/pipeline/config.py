@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,13 @@ METHODS = ("sera", "sera-select", "dpo", "iterative-dpo")
 LOSSES = ("dpo", "ipo", "slic", "simpo", "cdpo", "rdpo")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything that shapes a run. `data` empty means the embedded demo set."""
 
     data: tuple[str, ...] = ()
+    split: str | None = None  # of Hub dataset names in `data` (default train); attached to them: org/name:split
+    subset: str | None = None  # of Hub dataset names in `data` (the config name): org/name:subset:split
     workdir: str = "sera-run"
     method: str = "sera"
     policy: str = "smollm2-135m"
@@ -75,6 +77,80 @@ class RunConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check(self, found: Sequence[str] = ()) -> None:
+        """Every problem at once, as one ConfigError: `found` (settings `load` could not give a type-correct
+        value) and the out-of-range or contradictory ones."""
+        p = list(found)
+        if self.method not in METHODS:
+            p.append(f"method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.loss not in LOSSES:
+            p.append(f"loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
+        if self.iterations < 1:
+            p.append(f"iterations must be >= 1 (got {self.iterations})")
+        if self.method == "dpo" and self.iterations != 1:
+            p.append(f"method dpo runs one iteration (got iterations = {self.iterations}); "
+                     "use iterative-dpo for more")
+        if not 0.0 < self.k1 <= 1.0:
+            p.append(f"k1 must be in (0, 1] (got {self.k1})")
+        if not 0.0 <= self.k2 <= 1.0:
+            p.append(f"k2 must be in [0, 1] (got {self.k2})")
+        if self.method == "sera" and self.k2 == 0:
+            p.append("method sera with k2 = 0 is sera-select: say --method sera-select")
+        if self.n < 2:
+            p.append(f"n must be >= 2 to form a pair from generated responses (got {self.n})")
+        if not 0.0 <= self.ensemble_lambda <= 1.0:
+            p.append(f"ensemble-lambda must be in [0, 1] (got {self.ensemble_lambda})")
+        if self.loss in ("cdpo", "rdpo") and not 0.0 <= self.eps < 0.5:
+            p.append(f"eps must be in [0, 0.5) (got {self.eps})")
+        if self.cross_fit == 1 or self.cross_fit < 0:
+            p.append(f"cross-fit must be 0 (off) or a number of folds >= 2 (got {self.cross_fit})")
+        if self.cross_fit and self.method in ("dpo", "iterative-dpo"):
+            p.append("cross-fit scores the rows to select: it needs method sera or sera-select "
+                     f"(got {self.method})")
+        if self.beta <= 0:
+            p.append(f"beta must be > 0 (got {self.beta})")
+        if not 0.0 <= self.heldout < 0.5:
+            p.append(f"heldout must be in [0, 0.5) (got {self.heldout})")
+        for name in ("rows", "gen_prompts"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                p.append(f"{name.replace('_', '-')} must be >= 1 (got {v})")
+        for name in ("max_new_tokens", "batch_size", "micro_batch", "epochs", "batch_tokens",
+                     "max_prompt_length"):
+            if getattr(self, name) < 1:
+                p.append(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.max_length <= self.max_prompt_length:
+            p.append(f"max-length ({self.max_length}) must exceed max-prompt-length "
+                     f"({self.max_prompt_length})")
+        if not 0 < self.lr < 1:
+            p.append(f"lr must be in (0, 1) (got {self.lr})")
+        if self.lora_r < 0:
+            p.append(f"lora-r must be >= 0 (got {self.lora_r})")
+        if not 0.0 < self.temperature:
+            p.append(f"temperature must be > 0 (got {self.temperature})")
+        if not 0.0 < self.top_p <= 1.0:
+            p.append(f"top-p must be in (0, 1] (got {self.top_p})")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            p.append(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            p.append(f"device must be auto, cpu or cuda (got {self.device!r})")
+        if self.report_to not in TRACKERS:
+            p.append(f"report-to must be one of {', '.join(TRACKERS)} (got {self.report_to!r})")
+        if self.engine not in ("auto", "hf", "vllm"):
+            p.append(f"engine must be auto, hf or vllm (got {self.engine!r})")
+        if self.eval and not (self.judge or self.judge_url):
+            p.append("eval needs a judge: judge (a local model) or judge-url with judge-model")
+        if self.judge_url and not self.judge_model:
+            p.append("judge-url needs judge-model (the model name the endpoint serves)")
+        if self.eval_mode not in ("pairwise", "single"):
+            p.append(f"eval-mode must be pairwise or single (got {self.eval_mode!r})")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            p.append(f"ray-actors must be >= 1 (got {self.ray_actors})")
+        if self.eval_max_new_tokens < 1 or self.judge_max_tokens < 1:
+            p.append("eval-max-new-tokens and judge-max-tokens must be >= 1")
+        if p:
+            raise ConfigError(_joined(p))
 
 
 NAMES = {f.name for f in fields(RunConfig)}
@@ -133,10 +209,15 @@ def build(file: str | Path | None = None, flags: Mapping[str, Any] | None = None
         data = merged["data"]
         merged["data"] = (data,) if isinstance(data, str) else tuple(data)
     bad = _type_problems(merged, source)
+    if (merged.get("split") or merged.get("subset")) and not {"data", "split", "subset"} & set(bad):
+        from sera_cli.hub_data import with_split
+
+        try:  # as the stage commands do: the data spec carries its split, so every stage reads the same rows
+            merged["data"] = with_split(merged.get("data", ()), merged.get("split"), merged.get("subset"))
+        except ConfigError as err:
+            bad["split"] = str(err)
     config = RunConfig(**{k: v for k, v in merged.items() if k not in bad})  # defaults stand in for bad types
-    problems = list(bad.values()) + validate(config)
-    if problems:
-        raise ConfigError(_joined(problems))
+    config.check(list(bad.values()))
     return config
 
 
@@ -165,72 +246,3 @@ def _type_problems(values: Mapping[str, Any], source: Mapping[str, str]) -> dict
         if not ok:
             out[k] = f"{k.replace('_', '-')} must be {want.replace(' | None', '')} (got {v!r} from {source[k]})"
     return out
-
-
-def validate(c: RunConfig) -> list[str]:
-    """Every problem with a config, as user-facing phrases (empty when fine)."""
-    p = []
-    if c.method not in METHODS:
-        p.append(f"method must be one of {', '.join(METHODS)} (got {c.method!r})")
-    if c.loss not in LOSSES:
-        p.append(f"loss must be one of {', '.join(LOSSES)} (got {c.loss!r})")
-    if c.iterations < 1:
-        p.append(f"iterations must be >= 1 (got {c.iterations})")
-    if c.method == "dpo" and c.iterations != 1:
-        p.append(f"method dpo runs one iteration (got iterations = {c.iterations}); use iterative-dpo for more")
-    if not 0.0 < c.k1 <= 1.0:
-        p.append(f"k1 must be in (0, 1] (got {c.k1})")
-    if not 0.0 <= c.k2 <= 1.0:
-        p.append(f"k2 must be in [0, 1] (got {c.k2})")
-    if c.method == "sera" and c.k2 == 0:
-        p.append("method sera with k2 = 0 is sera-select: say --method sera-select")
-    if c.n < 2:
-        p.append(f"n must be >= 2 to form a pair from generated responses (got {c.n})")
-    if not 0.0 <= c.ensemble_lambda <= 1.0:
-        p.append(f"ensemble-lambda must be in [0, 1] (got {c.ensemble_lambda})")
-    if c.loss in ("cdpo", "rdpo") and not 0.0 <= c.eps < 0.5:
-        p.append(f"eps must be in [0, 0.5) (got {c.eps})")
-    if c.cross_fit == 1 or c.cross_fit < 0:
-        p.append(f"cross-fit must be 0 (off) or a number of folds >= 2 (got {c.cross_fit})")
-    if c.cross_fit and c.method in ("dpo", "iterative-dpo"):
-        p.append(f"cross-fit scores the rows to select: it needs method sera or sera-select (got {c.method})")
-    if c.beta <= 0:
-        p.append(f"beta must be > 0 (got {c.beta})")
-    if not 0.0 <= c.heldout < 0.5:
-        p.append(f"heldout must be in [0, 0.5) (got {c.heldout})")
-    for name in ("rows", "gen_prompts"):
-        v = getattr(c, name)
-        if v is not None and v < 1:
-            p.append(f"{name.replace('_', '-')} must be >= 1 (got {v})")
-    for name in ("max_new_tokens", "batch_size", "micro_batch", "epochs", "batch_tokens", "max_prompt_length"):
-        if getattr(c, name) < 1:
-            p.append(f"{name.replace('_', '-')} must be >= 1 (got {getattr(c, name)})")
-    if c.max_length <= c.max_prompt_length:
-        p.append(f"max-length ({c.max_length}) must exceed max-prompt-length ({c.max_prompt_length})")
-    if not 0 < c.lr < 1:
-        p.append(f"lr must be in (0, 1) (got {c.lr})")
-    if c.lora_r < 0:
-        p.append(f"lora-r must be >= 0 (got {c.lora_r})")
-    if not 0.0 < c.temperature:
-        p.append(f"temperature must be > 0 (got {c.temperature})")
-    if not 0.0 < c.top_p <= 1.0:
-        p.append(f"top-p must be in (0, 1] (got {c.top_p})")
-    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        p.append(f"dtype must be auto, float32, bfloat16 or float16 (got {c.dtype!r})")
-    if c.device not in ("auto", "cpu", "cuda"):
-        p.append(f"device must be auto, cpu or cuda (got {c.device!r})")
-    if c.report_to not in TRACKERS:
-        p.append(f"report-to must be one of {', '.join(TRACKERS)} (got {c.report_to!r})")
-    if c.engine not in ("auto", "hf", "vllm"):
-        p.append(f"engine must be auto, hf or vllm (got {c.engine!r})")
-    if c.eval and not (c.judge or c.judge_url):
-        p.append("eval needs a judge: judge (a local model) or judge-url with judge-model")
-    if c.judge_url and not c.judge_model:
-        p.append("judge-url needs judge-model (the model name the endpoint serves)")
-    if c.eval_mode not in ("pairwise", "single"):
-        p.append(f"eval-mode must be pairwise or single (got {c.eval_mode!r})")
-    if c.ray_actors is not None and c.ray_actors < 1:
-        p.append(f"ray-actors must be >= 1 (got {c.ray_actors})")
-    if c.eval_max_new_tokens < 1 or c.judge_max_tokens < 1:
-        p.append("eval-max-new-tokens and judge-max-tokens must be >= 1")
-    return p

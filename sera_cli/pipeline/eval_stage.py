@@ -6,21 +6,15 @@ The stage writes `iter-t/eval/` (judgments.parquet, summary.parquet) and shares 
 
 from __future__ import annotations
 
+from sera_cli.pipeline import stage_configs
 from sera_cli.pipeline.config import RunConfig
 from sera_cli.pipeline.layout import Layout
 from sera_cli.pipeline.stages import Stage
 
 
 def eval_stage(config: RunConfig, lay: Layout, t: int, policy: str, baseline: str) -> Stage:
-    from sera_cli.evaluation.config import EvalConfig
-
     out = lay.iteration(t) / "eval"
-    ec = EvalConfig(policies=(policy,), baseline=baseline, prompts=config.eval, output_dir=str(out),
-                    cache_dir=str(lay.root / "eval-cache"), mode=config.eval_mode, judge=config.judge,
-                    judge_url=config.judge_url, judge_model=config.judge_model,
-                    max_new_tokens=config.eval_max_new_tokens, judge_max_tokens=config.judge_max_tokens,
-                    seed=config.seed, engine=config.engine, dtype=config.dtype, device=config.device,
-                    trust_remote_code=config.trust_remote_code)
+    ec = stage_configs.eval_config(config, lay, output_dir=out, policy=policy, baseline=baseline)
     inputs = {"prompts": config.eval, "policy": policy, "baseline": baseline,
               **({"judge": config.judge} if config.judge else {})}
     settings = {"mode": config.eval_mode, "judge_url": config.judge_url, "judge_model": config.judge_model,

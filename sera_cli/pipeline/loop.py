@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sera_cli.chunk_store import partial_dirs
+from sera_cli.pipeline import stage_configs
 from sera_cli.pipeline.config import RunConfig
 from sera_cli.pipeline.data import data_files, write_prompts, write_reference, write_split
 from sera_cli.pipeline.layout import Layout
@@ -52,33 +53,15 @@ def model_spec(lay: Layout, config: RunConfig, t: int) -> str:
     return config.policy if t == 0 else str(lay.model(t))
 
 
-def _reward(config: RunConfig) -> str:
-    """The implicit reward whose margin selects pairs: the one the run's loss trains on (`trainers.losses`):
-    reference-free for SimPO, length-averaged for IPO, summed otherwise."""
-    from trainers.losses import LOSSES
-
-    spec = LOSSES[config.loss]
-    return "simpo" if not spec.needs_ref else "ipo" if spec.average_logps else "dpo"
-
-
 def _score_settings(config: RunConfig, **extra: Any) -> dict[str, Any]:
-    return {"reward": _reward(config), "beta": config.beta, "dtype": config.dtype,
+    return {"reward": stage_configs.reward(config), "beta": config.beta, "dtype": config.dtype,
             "max_length": config.max_length, "max_prompt_length": config.max_prompt_length, **extra}
 
 
 def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: Path, policy: str, ref: str,
                  title: str, prev: Path | None = None) -> Stage:
-    from sera_cli.score_config import ScoreConfig
-
-    use_ref = _reward(config) != "simpo"
-    sc = ScoreConfig(inputs=(str(data),), output=str(output), policy=policy, ref=ref if use_ref else None,
-                     reward=_reward(config), beta=config.beta, prev=str(prev) if prev else None,
-                     ensemble_lambda=config.ensemble_lambda, prev_missing="current", dtype=config.dtype,
-                     device=config.device, max_length=config.max_length,
-                     max_prompt_length=config.max_prompt_length, batch_tokens=config.batch_tokens,
-                     cache=str(lay.cache) if config.cache else None, resume=True,
-                     trust_remote_code=config.trust_remote_code, ray_address=config.ray_address,
-                     ray_actors=config.ray_actors)
+    use_ref = stage_configs.reward(config) != "simpo"
+    sc = stage_configs.score_config(config, lay, data=data, output=output, policy=policy, ref=ref, prev=prev)
     inputs = {"data": str(data), "policy": policy, **({"ref": ref} if use_ref else {})}
     if prev:
         inputs["prev"] = str(prev)
@@ -101,19 +84,10 @@ def _scored(sc):
 
 def _train_stage(key: str, config: RunConfig, lay: Layout, data: Path, t: int, output: Path | None = None) -> Stage:
     """Train pi_t from pi_{t-1} (reference pi_{t-1}) on `data`, into `output` (default: the iteration's model)."""
-    from trainers.config import TrainConfig
-
     policy, ref = model_spec(lay, config, t - 1), model_spec(lay, config, t - 1)
     needs_ref = config.loss != "simpo"
     output = output or lay.model(t)
-    tc = TrainConfig(inputs=(str(data),), output=str(output), policy=policy, ref=ref if needs_ref else None,
-                     loss=config.loss, beta=config.beta, eps=config.eps, lr=config.lr, batch_size=config.batch_size,
-                     micro_batch=min(config.micro_batch, config.batch_size), epochs=config.epochs,
-                     seed=config.seed + t, lora_r=config.lora_r, dtype=config.dtype, device=config.device,
-                     max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                     ref_batch_tokens=config.batch_tokens, save_steps=0, overwrite=True,
-                     trust_remote_code=config.trust_remote_code, report_to=config.report_to,
-                     logging_dir=str(Path(config.logging_dir) / key.replace("/", "-")) if config.logging_dir else None)
+    tc = stage_configs.train_config(config, key=key, data=data, output=output, policy=policy, ref=ref, t=t)
     inputs = {"data": str(data), "policy": policy, **({"ref": ref} if needs_ref else {})}
     settings = {k: v for k, v in tc.as_dict().items()
                 if k not in ("inputs", "output", "policy", "ref", "progress", "overwrite", "resume", "device",
@@ -134,15 +108,9 @@ def _reference_stage(config: RunConfig, lay: Layout, data: Path, t: int) -> Stag
     """The training rows with their log-probs under pi_{t-1}, the reference of training pi_t, as the trainer's
     `logp_ref_*` columns. Scored through the cache, so rows that pi_{t-1} already scored (the offline rows it
     selected, the candidates it rewarded) cost nothing and its model is not even loaded."""
-    from sera_cli.score_config import ScoreConfig
-
     ref = model_spec(lay, config, t - 1)
     out = lay.reference(t)
-    sc = ScoreConfig(inputs=(str(data),), output=str(out), policy=ref, reward="simpo", dtype=config.dtype,
-                     device=config.device, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                     batch_tokens=config.batch_tokens, cache=str(lay.cache) if config.cache else None, resume=True,
-                     trust_remote_code=config.trust_remote_code, ray_address=config.ray_address,
-                     ray_actors=config.ray_actors)
+    sc = stage_configs.reference_config(config, lay, data=data, output=out, ref=ref)
 
     def run() -> dict:
         s = _scored(sc)
@@ -156,19 +124,12 @@ def _reference_stage(config: RunConfig, lay: Layout, data: Path, t: int) -> Stag
 
 def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) -> Iterator[Stage]:
     """Generate N responses per prompt with pi_{t-1}, reward them with (pi_{t-1}, pi_{t-2}), keep the top k2."""
-    from sera_cli.generation.config import GenerateConfig
-    from sera_cli.selection import SelectConfig
-
     pol, ref = model_spec(lay, config, t - 1), model_spec(lay, config, t - 2)
     yield Stage(f"iter-{t}/prompts", lay.prompts(t), {"train": str(lay.train)},
                 {"gen_prompts": config.gen_prompts, "seed": config.seed},
                 lambda: write_prompts(lay.train, config.gen_prompts, config.seed, t, lay.prompts(t)),
                 "choose the prompts to generate for")
-    gc = GenerateConfig(inputs=(str(lay.prompts(t)),), output=str(lay.candidates(t)), policy=pol,
-                        engine=config.engine, n=config.n, temperature=config.temperature, top_p=config.top_p,
-                        max_new_tokens=config.max_new_tokens, seed=config.seed + t, dtype=config.dtype,
-                        device=config.device, resume=True, trust_remote_code=config.trust_remote_code,
-                        ray_address=config.ray_address, ray_actors=config.ray_actors)
+    gc = stage_configs.generate_config(config, prompts=lay.prompts(t), output=lay.candidates(t), policy=pol, t=t)
 
     def generate() -> dict:
         from sera_cli.generation.run import generate as here
@@ -184,10 +145,10 @@ def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) ->
     yield _score_stage(f"iter-{t}/reward", config, lay, lay.candidates(t), lay.candidates_scored(t), pol, ref,
                        f"reward the candidates with (pi_{t - 1}, pi_{t - 2})")
     keep = math.floor(config.k2 * n_offline + 1e-9)
-    sel = SelectConfig(inputs=(str(lay.candidates_scored(t)),), output=str(lay.pairs(t)), pairs=True, count=keep)
+    sel = stage_configs.pair_config(candidates=lay.candidates_scored(t), output=lay.pairs(t), count=keep)
 
     def pair() -> dict:
-        from sera_cli.selection import select
+        from sera_cli.select import select
 
         s = select(sel)
         return {"pairs_built": s.pairs.pairs if s.pairs else None, "kept": s.rows_out,
@@ -235,9 +196,6 @@ def _crossfit_stages(config: RunConfig, lay: Layout, m: Method, t: int, prev: Pa
 
 def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int) -> Iterator[Stage]:
     """The stages of iteration t, in order."""
-    from sera_cli.mixing import MixConfig
-    from sera_cli.selection import SelectConfig
-
     data = lay.train
     if t >= 2 and m.select:
         prev = lay.scored(t - 1) if m.ensemble and t >= 3 else None
@@ -249,10 +207,10 @@ def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int
                                f"score the offline data with (pi_{t - 1}, pi_{t - 2})"
                                + (f", ensemble with iteration {t - 1} (lambda {config.ensemble_lambda})"
                                   if prev else ""), prev)
-        sel = SelectConfig(inputs=(str(lay.scored(t)),), output=str(lay.selected(t)), top=config.k1)
+        sel = stage_configs.select_config(config, scored=lay.scored(t), output=lay.selected(t))
 
         def select() -> dict:
-            from sera_cli.selection import select as run
+            from sera_cli.select import select as run
 
             s = run(sel)
             return {"rows_in": s.rows_in, "kept": s.rows_out, "cutoff": s.choice.cutoff}
@@ -262,12 +220,11 @@ def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int
         k2 = config.k2 if m.bootstrap else 0.0
         if m.bootstrap:
             yield from _bootstrap_stages(config, lay, t, n_offline)
-        mc = MixConfig(offline=str(lay.selected(t)), generated=str(lay.pairs(t)) if m.bootstrap else None,
-                       output=str(lay.mixed(t)), k1=config.k1, k2=k2, n=n_offline, seed=config.seed + t,
-                       iteration=t, allow_shortfall=True)
+        mc = stage_configs.mix_config(config, selected=lay.selected(t), pairs=lay.pairs(t) if m.bootstrap else None,
+                                      output=lay.mixed(t), k2=k2, n=n_offline, t=t)
 
         def mix() -> dict:
-            from sera_cli.mixing import mix as run
+            from sera_cli.mix import mix as run
 
             s = run(mc)
             return {"rows": s.rows, "offline": int(len(s.plan.offline)), "generated": int(len(s.plan.generated)),
@@ -323,6 +280,7 @@ def _clear(path: Path) -> None:
 def check_start(config: RunConfig) -> None:
     """What can fail before the workdir is made: a file in its place, missing data files, an unknown policy."""
     from sera_cli.errors import InputError
+    from sera_cli.hub_data import is_dataset_name
     from sera_cli.io import STDIO, expand
     from sera_cli.models import resolve
 
@@ -330,6 +288,8 @@ def check_start(config: RunConfig) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise InputError(config.workdir, "is a file; --workdir names the folder the run keeps its files in")
     for path in expand(list(data_files(config.data))):
+        if is_dataset_name(path):
+            continue  # a Hub dataset split, read (or refused in one line) by the split stage
         if path == STDIO or not Path(path).is_file():
             problem = ("cannot be read from standard input: a run reads its data again on resume" if path == STDIO
                        else "is a folder, not a Parquet file" if Path(path).is_dir() else "no such file")

@@ -51,9 +51,30 @@ def input_hash(spec: str | Path) -> str:
     p = Path(spec)
     if p.exists():
         return content_hash(p)
+    from sera_cli.hub_data import is_dataset_name
+
+    if is_dataset_name(str(spec)):
+        return dataset_hash(str(spec))
     from sera_cli.models import resolve
 
     return resolve(str(spec)).fingerprint
+
+
+def dataset_hash(spec: str) -> str:
+    """Hash of the rows of a Hub dataset split (`org/name:split`), read from the `datasets` cache once per
+    process, so a new revision of the dataset reruns the stages that read it."""
+    if ("dataset", spec) not in _MEMO:
+        import pyarrow as pa
+        import xxhash
+
+        from sera_cli.hub_data import read_dataset
+
+        table = read_dataset(spec)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        _MEMO[("dataset", spec)] = xxhash.xxh3_128_hexdigest(sink.getvalue().to_pybytes())
+    return _MEMO[("dataset", spec)]
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sera_cli import provenance
-from sera_cli.mixing import MixConfig, mix
-from sera_cli.selection import SelectConfig, select
+from sera_cli.mix import MixConfig, mix
+from sera_cli.select import SelectConfig, select
 
 TARGET_S = 10.0
 

@@ -79,7 +79,8 @@ def baseline(models, tok, encs, batch_pairs: int) -> tuple[np.ndarray, int, floa
 
 def sera_run(path: Path, dtype: str, batch_tokens: int) -> tuple[np.ndarray, int, float]:
     out = path.with_name(f"scored-{dtype}.parquet")
-    summary = score(ScoreConfig((str(path),), str(out), "smollm2-135m", "smollm2-135m-ref", dtype=dtype,
+    summary = score(ScoreConfig(inputs=(str(path),), output=str(out), policy="smollm2-135m",
+                                ref="smollm2-135m-ref", dtype=dtype,
                                 device="cpu", progress=False, batch_tokens=batch_tokens))
     t = pq.read_table(out).to_pydict()
     flat = lambda a, b: np.stack([a, b], 1).reshape(-1)  # noqa: E731

@@ -64,7 +64,8 @@ def child(args) -> None:
     from trainers import TrainConfig
 
     t0 = time.perf_counter()
-    config = TrainConfig((args.data,), args.out, args.model, ref=args.model if args.variant == "live" else None,
+    config = TrainConfig(inputs=(args.data,), output=args.out, policy=args.model,
+                         ref=args.model if args.variant == "live" else None,
                          live_ref=args.variant == "live", lr=args.lr, batch_size=args.batch_size,
                          micro_batch=args.micro_batch, max_length=args.max_length,
                          max_prompt_length=args.max_prompt_length, max_steps=args.max_steps,
@@ -247,7 +248,8 @@ def bench(args, like_trl: bool) -> None:
         pq.write_table(pa.Table.from_pylist(rows), pairs)
         cache = os.path.join(tmp, "cache")  # policy == reference: the second pass comes from the cache
         t0 = time.perf_counter()
-        score(ScoreConfig((pairs,), scored, args.model, args.model, dtype="float32", progress=False, cache=cache,
+        score(ScoreConfig(inputs=(pairs,), output=scored, policy=args.model, ref=args.model,
+                          dtype="float32", progress=False, cache=cache,
                           **lengths))
         score_s = time.perf_counter() - t0
         ordered = os.path.join(tmp, "ordered.parquet")
@@ -263,7 +265,8 @@ def bench(args, like_trl: bool) -> None:
                     best[variant] = r
         if args.rescore:
             rescored = os.path.join(tmp, "rescored.parquet")
-            score(ScoreConfig((pairs,), rescored, os.path.join(tmp, "stored-0"), args.model, dtype="float32",
+            score(ScoreConfig(inputs=(pairs,), output=rescored, policy=os.path.join(tmp, "stored-0"),
+                              ref=args.model, dtype="float32",
                               progress=False, cache=cache, **lengths))
             before, after = positive_margins(scored), positive_margins(rescored)
     report(args, best, score_s, load, before if args.rescore else None, after if args.rescore else None)

@@ -11,18 +11,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sera_cli.column_values import floats, response_lengths
 from sera_cli.errors import ConfigError, InputError
 from sera_cli.rankstats import auroc, quantiles, spearman
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InspectConfig:
     inputs: tuple[str, ...]
     k1: float = 0.7
     bins: int = 20
     plot: str | None = None
 
-    def validate(self) -> None:
+    def check(self) -> None:
         problems = []
         if not 0.0 < self.k1 <= 1.0:
             problems.append(f"--k1 must be a fraction in (0, 1], got {self.k1}")
@@ -35,30 +36,6 @@ class InspectConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def text_lengths(column: pa.ChunkedArray) -> np.ndarray:
-    """Characters per text; for message lists, the characters of all contents."""
-    import polars as pl
-
-    series = pl.from_arrow(column)
-    if series.dtype == pl.String:
-        return series.str.len_chars().fill_null(0).to_numpy().astype(np.float64)
-    contents = pl.element().struct.field("content").str.len_chars()
-    frame = pl.DataFrame({"m": series}).select(pl.col("m").list.eval(contents).list.sum())
-    return frame["m"].fill_null(0).to_numpy().astype(np.float64)
-
-
-def floats(table: pa.Table, name: str) -> np.ndarray:
-    return pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
-
-
-def response_lengths(table: pa.Table, sides: tuple[str, ...]) -> tuple[list[np.ndarray], str]:
-    """Lengths of the responses in token counts (ntok_<side>, when scored) or characters."""
-    tok = [f"ntok_{s}" if s != "response" else "ntok" for s in sides]
-    if all(t in table.column_names and table.column(t).null_count == 0 for t in tok):
-        return [floats(table, t) for t in tok], "tokens"
-    return [text_lengths(table.column(s)) for s in sides], "characters"
 
 
 def histogram(x: np.ndarray, bins: int) -> dict[str, list]:
@@ -94,7 +71,7 @@ def margin_report(irm: np.ndarray, margin: np.ndarray) -> dict[str, Any]:
 
 
 def pair_report(table: pa.Table, k1: float, bins: int) -> dict[str, Any]:
-    from sera_cli.selection import fraction_count, top_mask
+    from sera_cli.select import fraction_count, top_mask
 
     irm = floats(table, "irm")
     (lc, lr), unit = response_lengths(table, ("chosen", "rejected"))
@@ -113,6 +90,8 @@ def pair_report(table: pa.Table, k1: float, bins: int) -> dict[str, Any]:
     out["spearman"] = corr
     ids = table.column("id") if "id" in table.column_names else pa.array(np.arange(len(irm)))
     top = top_mask(irm, ids, fraction_count(k1, len(irm)))
+    out["top_k1"] = {"k1": k1, "rows": int(top.sum()),  # what `sera select --top k1` keeps: irm >= irm_min
+                     "irm_min": _round(float(irm[top].min())) if top.any() else None}
     out["flipped"] = flip_report(irm, floats(table, "flipped") > 0, top) \
         if "flipped" in table.column_names else None
     if out["flipped"] is not None:
@@ -152,7 +131,7 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
     from sera_cli.contract import is_candidates
     from sera_cli.io import check_writable, read_inputs
 
-    config.validate()
+    config.check()
     if config.plot:
         check_writable(config.plot, config.inputs)
     inputs = read_inputs(list(config.inputs))

@@ -14,7 +14,3 @@ def logp_identity(ref: ModelRef, tok, max_length: int | None, max_prompt_length:
             "eos": tok.eos_token, "max_length": max_length, "max_prompt_length": max_prompt_length,
             "dtype": dtype}
 
-
-def same_logps(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    keys = ("fingerprint", "chat_template", "eos", "max_length", "max_prompt_length", "dtype")
-    return a is not None and b is not None and all(a.get(k) == b.get(k) for k in keys)

@@ -1,5 +1,5 @@
-"""Turning files in common preference layouts (see `layouts`) into the pairs table (prompt, chosen, rejected,
-id), with skipped rows counted by reason, and optional label flips for noisy-label experiments.
+"""Turning files in common preference layouts (see `convert_layouts`) into the pairs table (prompt, chosen,
+rejected, id), with skipped rows counted by reason, and optional label flips for noisy-label experiments.
 
 Scalar fields besides the texts are kept; fields of a nested object (such as UltraFeedback's
 `metadata.score_chosen`) are lifted to the top level.
@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sera_cli.convert_layouts import MESSAGES, NATURAL, READERS, TEXT, Skip, detect, extras, to_format
 from sera_cli.errors import ConfigError, InputError
-from sera_cli.layouts import MESSAGES, NATURAL, READERS, TEXT, Skip, detect, extras, to_format
 
 
 def convert_records(file: str, records: list[dict[str, Any]], layout: str, fmt: str):
@@ -62,7 +62,7 @@ def _columns(texts: dict[str, list], kept: list[dict[str, Any]], fmt: str) -> di
     return cols
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
     inputs: tuple[str, ...]
     output: str
@@ -71,7 +71,8 @@ class ConvertConfig:
     flip: float | None = None
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Every problem with the settings at once, as one ConfigError."""
         problems = []
         if self.layout not in ("auto", *READERS):
             problems.append(f"--layout must be auto, {', '.join(READERS)}; got {self.layout!r}")
@@ -127,9 +128,9 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     from sera_cli import provenance
     from sera_cli.contract import with_ids
     from sera_cli.io import check_writable, expand, write_parquet
-    from sera_cli.records import read_records
+    from sera_cli.raw_records import read_records
 
-    config.validate()
+    config.check()
     check_writable(config.output, config.inputs)
     tables, reports, formats = [], [], {}
     for path in expand(list(config.inputs)):

@@ -86,10 +86,3 @@ def pair_logps(model, tok, prompts, chosens, rejecteds, *, max_length: int | Non
     return {"logp_chosen": logp[0::2], "logp_rejected": logp[1::2], "ntok_chosen": ntok[0::2],
             "ntok_rejected": ntok[1::2], "truncated": np.array([e.truncated for e in enc])}
 
-
-def response_logps(model, tok, prompts, responses, *, max_length: int | None, max_prompt_length: int | None,
-                   batch_tokens: int = 1024) -> dict[str, np.ndarray]:
-    """Log-probs of one response per prompt under `model`."""
-    enc = encode_rows(tok, prompts, [[r] for r in responses], max_length, max_prompt_length)
-    logp, ntok = sequences_logps(model, flat_sequences(enc), tok.pad_token_id, batch_tokens)
-    return {"logp": logp, "ntok": ntok, "truncated": np.array([e.truncated for e in enc])}

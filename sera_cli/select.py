@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sera_cli.candidate_pairs import PairStats, build_pairs
 from sera_cli.errors import ConfigError, InputError
 from sera_cli.io import Inputs
-from sera_cli.pairing import PairStats, build_pairs
 
 EPS = 1e-9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelectConfig:
     inputs: tuple[str, ...]
     output: str
@@ -31,8 +31,8 @@ class SelectConfig:
     drop_ties: bool = False
     pairs: bool = False
 
-    def validate(self) -> None:
-        """Every problem at once, as one ConfigError."""
+    def check(self) -> None:
+        """Every problem with the settings at once, as one ConfigError."""
         problems = []
         if self.top is not None and not 0.0 < self.top <= 1.0:
             problems.append(f"--top must be a fraction in (0, 1], got {self.top}")
@@ -122,7 +122,7 @@ def select(config: SelectConfig) -> SelectSummary:
     )
     from sera_cli.io import check_writable, read_inputs, write_parquet
 
-    config.validate()
+    config.check()
     check_writable(config.output, config.inputs)
     inputs = read_inputs(list(config.inputs))
     table, stats = inputs.table, None

@@ -91,7 +91,7 @@ class ChunkedLogps:
             cache.close()
 
     def _chunk(self, role, c, model, cache, keys, hits, bar, task, t0) -> None:
-        from sera_cli.scorer import sequences_logps
+        from sera_cli.batched_logps import sequences_logps
 
         idx = list(self._chunk_seqs(c))
         seqs = [self.seqs[i] for i in idx]

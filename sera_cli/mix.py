@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 
 from sera_cli.errors import ConfigError, InputError
-from sera_cli.selection import fraction_count, top_mask
+from sera_cli.select import fraction_count, top_mask
 
 KEY = ("prompt", "chosen", "rejected")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MixConfig:
     offline: str
     generated: str | None
@@ -29,7 +29,8 @@ class MixConfig:
     iteration: int = 1
     allow_shortfall: bool = False
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Every problem with the settings at once, as one ConfigError."""
         problems = []
         if self.k1 < 0 or self.k2 < 0:
             problems.append(f"--k1 and --k2 must be >= 0, got {self.k1} and {self.k2}")
@@ -148,7 +149,7 @@ def _load(spec: str):
     from sera_cli import provenance
     from sera_cli.contract import PAIR_COLUMNS, check_pairs, column_kind, with_ids
     from sera_cli.io import Inputs, read_inputs
-    from sera_cli.selection import score_column
+    from sera_cli.select import score_column
 
     inputs = read_inputs([spec])
     names = inputs.table.column_names
@@ -189,7 +190,7 @@ def mix(config: MixConfig) -> MixSummary:
     from sera_cli import lineage, provenance
     from sera_cli.io import check_writable, write_parquet
 
-    config.validate()
+    config.check()
     check_writable(config.output, (config.offline, config.generated))
     off, off_kind, off_scores = _load(config.offline)
     off_parents = lineage.parents(off)
