@@ -31,8 +31,9 @@ def generate_command(
                                         "installed and a GPU is present, else hf.")] = "auto",
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per generate call (hf engine).",
-                                            min=1)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per decoding batch (hf engine; 256 = a "
+                                            "default chunk of 64 prompts x 4; the samples do not depend on it).",
+                                            min=1)] = 256,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs to split the model "
                                                       "over (vllm engine).", min=1)] = 1,
     gpu_memory_utilization: Annotated[float | None, typer.Option(

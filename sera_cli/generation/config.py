@@ -25,7 +25,7 @@ class GenerateConfig:
     max_redraws: int = 3
     dtype: str = "auto"
     device: str = "auto"
-    batch_size: int = 64  # sequences per `generate` call (hf engine)
+    batch_size: int = 256  # sequences per decoding batch (hf engine): 1.51x batch 64, same samples (README)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None  # vllm: None is 0.9 on a GPU, 0.3 on CPU
     enforce_eager: bool = False  # vllm: no graph compilation (faster start, slower generation)
