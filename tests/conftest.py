@@ -78,3 +78,17 @@ def chat_pairs_file(tmp_path) -> str:
     path = tmp_path / "chat_pairs.parquet"
     pq.write_table(conversational_table(), path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
+    """The standard pairs scored by `sera score` with the tiny policy and reference (ref log-prob columns)."""
+    from sera_cli.score import score
+    from sera_cli.score_config import ScoreConfig
+
+    folder = tmp_path_factory.mktemp("scored")
+    pq.write_table(standard_table(), folder / "pairs.parquet")
+    out = str(folder / "scored.parquet")
+    score(ScoreConfig(inputs=(str(folder / "pairs.parquet"),), output=out, policy=tiny_policy, ref=tiny_ref,
+                      progress=False))
+    return out

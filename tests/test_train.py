@@ -18,8 +18,6 @@ from conftest import SHARED, standard_table
 from typer.testing import CliRunner
 
 from sera_cli.app import app
-from sera_cli.score import score
-from sera_cli.score_config import ScoreConfig
 from sera_cli.train_stage import train
 from trainers import TrainConfig
 from trainers.batch_order import local_micro_batches, step_batches
@@ -38,17 +36,6 @@ def metrics(folder) -> list[dict]:
 
 def losses(folder) -> list[float]:
     return [r["loss"] for r in metrics(folder)]
-
-
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
-    """The standard pairs scored by `sera score` with the tiny policy and reference (ref log-prob columns)."""
-    folder = tmp_path_factory.mktemp("scored")
-    pq.write_table(standard_table(), folder / "pairs.parquet")
-    out = str(folder / "scored.parquet")
-    score(ScoreConfig(inputs=(str(folder / "pairs.parquet"),), output=out, policy=tiny_policy, ref=tiny_ref,
-                      progress=False))
-    return out
 
 
 def config(inputs, output, policy, **kw) -> TrainConfig:

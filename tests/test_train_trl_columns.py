@@ -9,27 +9,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import standard_table
 from typer.testing import CliRunner
 
 from sera_cli.app import app
 from sera_cli.export import ExportConfig, export
-from sera_cli.score import score
-from sera_cli.score_config import ScoreConfig
 from sera_cli.train_stage import train
 from trainers import TrainConfig
 
 TRL = {"logp_ref_chosen": "ref_chosen_logps", "logp_ref_rejected": "ref_rejected_logps"}
-
-
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
-    folder = tmp_path_factory.mktemp("scored")
-    pq.write_table(standard_table(), folder / "pairs.parquet")
-    out = str(folder / "scored.parquet")
-    score(ScoreConfig(inputs=(str(folder / "pairs.parquet"),), output=out, policy=tiny_policy, ref=tiny_ref,
-                      progress=False))
-    return out
 
 
 @pytest.fixture(scope="module")
