@@ -83,6 +83,8 @@ CPU_RUN = {"policy": "smollm2-135m", "lr": 1e-5, "lora_r": 0, "batch_size": 8, "
            "k1": 0.7, "k2": 0.3, "n": 4, "ensemble_lambda": 0.3, "gen_prompts": 64, "max_new_tokens": 96,
            "engine": "hf", "batch_tokens": 2048}
 
+CLEAN = ("dpo", "iterative-dpo", "sera-select", "sera")  # at 0% flips: no noisy-label baselines, no cross-fit
+
 SCALES = {
     "smoke": Scale("smoke", (DataSet("uf", (f"{UF}/train_clean.jsonl",), 24, f"{UF}/eval_clean.jsonl", 12),),
                    (0.2,), 2, METHODS,
@@ -91,7 +93,11 @@ SCALES = {
                    note="tiny random Llama: checks the plumbing, not the method", tiny=True),
     # Every method at 20% flips, then the clean-data learning check (dpo at 0% flips).
     "cpu": Scale("cpu", (DataSet("uf", (f"{UF}/train_clean.jsonl",), 128, f"{UF}/eval_clean.jsonl", None),),
-                 (0.2, 0.0), 2, METHODS, CPU_RUN, clean_methods=("dpo",)),
+                 (0.2, 0.0), 2, METHODS, CPU_RUN, clean_methods=CLEAN),
+    # The same study on HH-RLHF helpful-base (no GPT-4 scores there): 128 training pairs and 200 held-out
+    # pairs drawn from one seeded order of the test split, so the two never share a row.
+    "cpu-hh": Scale("cpu-hh", (DataSet("hh", (HH[0],), 128, HH[0], 200),), (0.2, 0.0), 2, METHODS, CPU_RUN,
+                    clean_methods=CLEAN),
     # Not measured yet (no GPU so far): sized by estimate for ~10 min of one H200; --rows shrinks it.
     "gpu": Scale("gpu", (DataSet("uf", (f"{UF}/train_clean.jsonl",), None, f"{UF}/eval_clean.jsonl", None),
                          DataSet("hh", HH, 3000, None, None, heldout=0.05)),
@@ -163,13 +169,17 @@ def tiny_policy(out: Path) -> str:
     return str(path)
 
 
-def sample(src: Path, rows: int | None, seed: int, out: Path) -> None:
-    """A seeded sample of `rows` converted pairs, without their ids (convert gives them new ones)."""
+def sample(src: Path, rows: int | None, seed: int, out: Path, skip: int = 0) -> None:
+    """A seeded sample of `rows` converted pairs, without their ids (convert gives them new ones).
+
+    `skip` leaves out the first `skip` rows of the same seeded order: the held-out pairs of a data set whose
+    training and held-out pairs come from one file are then disjoint from its training sample."""
     if out.exists():
         return
     table = pq.read_table(src)
-    if rows is not None and rows < table.num_rows:
-        table = table.take(np.sort(np.random.default_rng(seed).permutation(table.num_rows)[:rows]))
+    if skip or (rows is not None and rows < table.num_rows):
+        order = np.random.default_rng(seed).permutation(table.num_rows)[skip:]
+        table = table.take(np.sort(order[:rows] if rows is not None else order))
     tmp = out.with_suffix(".partial")
     pq.write_table(table.drop_columns(["id"]).replace_schema_metadata(None), tmp)
     tmp.rename(out)
@@ -191,11 +201,12 @@ def prepare(scale: Scale, ds: DataSet, flip: float, data: Path, seed: int) -> tu
         return train, None
     held = data / f"{ds.name}-heldout-{ds.eval_rows or 'all'}.parquet"
     if not held.exists():
-        whole = data / f"{ds.name}-heldout-all-pairs.parquet"
+        same = ds.train == (ds.eval,)  # one file: the held-out pairs follow the training sample's rows
+        whole = full if same else data / f"{ds.name}-heldout-all-pairs.parquet"
         if not whole.exists():
             sera("convert", str(SHARED / ds.eval), "--format", "conversational", "-o", str(whole))
         part = data / f"{ds.name}-heldout-{ds.eval_rows or 'all'}-sample.parquet"
-        sample(whole, ds.eval_rows, seed, part)
+        sample(whole, ds.eval_rows, seed, part, skip=ds.rows if same else 0)
         sera("convert", str(part), "-o", str(held))
     return train, held
 
