@@ -439,6 +439,7 @@ def _both_engines(spec: str, temperature: float, top_p: float, counts: list[int]
     new, old = HFEngine(ref, tok, **kw), ReferenceHFEngine(ref, tok, **kw)
     batches = []
     got = new.generate(requests, batches.append)
+    _both_engines.compactions = new.compactions
     return got, old.generate(requests), batches, stops
 
 
@@ -460,6 +461,7 @@ def test_engine_matches_the_reference_on_smollm2(smol, temperature, top_p):
     got, want, _, stops = _both_engines(smol.path, temperature, top_p, [4, 4, 4, 4], 24, 16)
     assert got == want
     assert any(t in stops for r in got for s in r for t in s[:-1])  # some sample stopped before the limit
+    assert _both_engines.compactions >= 1  # finished rows left the batch, and no other row's tokens changed
 
 
 def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
@@ -478,3 +480,22 @@ def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
     AutoTokenizer.from_pretrained(smol.path).save_pretrained(tmp_path)
     got, want, _, _ = _both_engines(str(tmp_path), 0.7, 1.0, [2, 1, 3, 2], 12, 4)
     assert got == want and [len(r) for r in got] == [2, 1, 3, 2]
+
+
+@pytest.mark.parametrize("dtype,contiguous", [("bfloat16", True), ("float32", False)])
+def test_bf16_output_projection_sees_a_contiguous_input(tiny_policy, dtype, contiguous):
+    """A bf16 prefill's last-position hidden state reaches the head contiguous (torch's strided bf16 path copies
+    the weight once per row: 14.5 GB for 256 SmolLM2 prompts); float32 keeps the view and its numbers."""
+    from transformers import AutoTokenizer, DynamicCache
+
+    from sera_cli.generation.engine_hf import load_generator
+    from sera_cli.models import resolve
+
+    ref = resolve(tiny_policy)
+    model = load_generator(ref, AutoTokenizer.from_pretrained(ref.path), dtype, "cpu", 4, [2], False)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache(config=model.config))
+    assert seen == [contiguous]

@@ -6,7 +6,8 @@ the batch's longest prompt), so a batch holds the same rows at the same widths a
 would (`sera_cli.generation.engine_hf_reference`, kept as the baseline). Within a batch, the distinct prompts are
 prefilled once (last position's logits only); the cache rows are then copied to each of the prompt's samples into
 buffers sized for the whole generation, and each step writes its keys/values in place, attending to a view as
-long as the sequence so far (no per-step copy of the cache, no `generate` machinery).
+long as the sequence so far (no per-step copy of the cache, no `generate` machinery). Rows that finished leave
+the batch once they are an eighth of it, so a batch of short answers does not keep decoding them.
 
 Sampling (temperature, then top-p) draws each sequence's token by Gumbel-max with noise keyed by (sequence seed,
 step, token id), so a sequence's random numbers do not depend on its batch. Its decoding steps run the same
@@ -32,6 +33,9 @@ from trainers.prefix_sharing import cache_kwarg, left_pad
 # Candidates tried before a full sort of the vocabulary: a sort of 64 x 49,152 probabilities costs more than a
 # forward pass of a 135M model on 2 CPU cores, and a trained model's top-p nucleus is usually far smaller.
 _TOPK = (64, 1024)
+# Finished rows leave a decoding batch once they are this share of it: dropping them copies the others' cache
+# (about one step's attention reads), and a dropped row saves its share of every later step.
+_COMPACT = 1 / 8
 
 Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [R], token ids [R, K]) -> Gumbel noise [R, K]
 
@@ -73,9 +77,9 @@ def gumbel(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def seeded_noise(seeds: Sequence[int], step: int) -> Noise:
+def seeded_noise(seeds: Sequence[int] | np.ndarray, step: int) -> Noise:
     """Gumbel noise of step `step` for rows drawn with `seeds` (one seed per row), as `nucleus_sample` asks for it."""
-    table = np.array(seeds, dtype=np.uint64)
+    table = np.asarray(seeds, dtype=np.uint64)
 
     def noise(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         u = uniforms(table[rows.cpu().numpy()], step, ids.cpu().numpy())
@@ -93,10 +97,25 @@ def load_generator(ref, tok, dtype: str, device: str, max_new_tokens: int, stop_
     from sera_cli.models import load_model
 
     model = load_model(ref, dtype, device, trust_remote_code)
+    contiguous_head_input(model)
     model.generation_config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     return model
+
+
+def contiguous_head_input(model) -> None:
+    """Give the output projection a contiguous input.
+
+    With `logits_to_keep=1` (a prefill, and `generate`'s) the head sees `hidden[:, -1:]`, a strided [B, 1, H]
+    view. In bfloat16 on CPU, torch 2.13 multiplies such a view by the [H, V] weight as a `bmm` against the
+    weight expanded to [B, H, V] and copied: 14.5 GB and about a minute for 256 SmolLM2 prompts, where the
+    contiguous input is one small `mm`. Float32 has no such path, and its numbers for the strided view differ
+    from the contiguous input's in the last bits, so float32 keeps the view (and the samples it always gave).
+    """
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.dtype != torch.float32:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 class HFEngine:
@@ -112,6 +131,7 @@ class HFEngine:
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self._cache_kwarg = cache_kwarg(self.model)  # `cache` in transformers 5.20+, `past_key_values` before
+        self.compactions = 0  # times finished rows left a decoding batch
 
     def generate(self, requests: Sequence[Request], on_batch: Callable[[list[list[int]]], None] | None = None
                  ) -> list[list[list[int]]]:
@@ -148,21 +168,38 @@ class HFEngine:
             return self._decode(logits.index_select(0, rows), mask.index_select(0, rows), cache, seeds)
 
     def _decode(self, logits: torch.Tensor, mask: torch.Tensor, cache, seeds: list[int]) -> list[list[int]]:
-        """Sample up to max_new_tokens per row; a finished row is fed (and given) padding, as `generate` does."""
+        """Sample up to max_new_tokens per row; a finished row is given padding, as `generate` gives it.
+
+        Finished rows leave the batch once they are at least `_COMPACT` of it (their cache rows are dropped, the
+        others moved up), so the steps after a short answer do not run it; until then they are fed padding.
+        Dropping rows changes no other row's numbers where a matmul does not round a row by the row count
+        (float32 on x86 CPUs); `compactions` counts the times it happened.
+        """
         stops = torch.tensor(self.stops, device=self.device)
+        table = np.array(seeds, dtype=np.uint64)
+        live = torch.arange(len(seeds), device=self.device)  # the original row of each row in the batch
         done = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
-        steps = []
+        out = torch.full((len(seeds), self.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        steps = 0
         for step in range(self.max_new_tokens):
-            token = nucleus_sample(logits, seeded_noise(seeds, step), self.temperature, self.top_p)
-            token = token.masked_fill(done, self.pad_id)
-            steps.append(token)
+            token = nucleus_sample(logits, seeded_noise(table[live.cpu().numpy()], step), self.temperature,
+                                   self.top_p).masked_fill(done, self.pad_id)
+            out[live, step] = token
+            steps = step + 1
             done |= torch.isin(token, stops)
-            if step + 1 == self.max_new_tokens or bool(done.all()):
+            finished = int(done.sum())
+            if steps == self.max_new_tokens or finished == len(live):
                 break
-            mask = torch.cat([mask, mask.new_ones(len(seeds), 1)], dim=1)
+            if finished >= max(1, _COMPACT * len(live)):
+                keep = (~done).nonzero()[:, 0]
+                for layer in cache.layers:
+                    layer.keep(keep)
+                live, mask, token, done = live[keep], mask[keep], token[keep], done[keep]
+                self.compactions += 1
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
                                 **{self._cache_kwarg: cache}).logits[:, -1]
-        return torch.stack(steps, dim=1).tolist()
+        return out[:, :steps].tolist()
 
 
 def preallocated(prefill, rows: torch.Tensor, room: int):
@@ -189,6 +226,14 @@ class _Buffered(DynamicLayer):
         self._v[:, :, :n] = values.index_select(0, rows)
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
         self.device, self.is_initialized = keys.device, True
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only rows `rows` (ascending), moved to the front of the buffers."""
+        n, r = self.keys.shape[-2], len(rows)
+        self._k[:r, :, :n] = self.keys.index_select(0, rows)
+        self._v[:r, :, :n] = self.values.index_select(0, rows)
+        self._k, self._v = self._k[:r], self._v[:r]
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
