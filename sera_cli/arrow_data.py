@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from sera_cli.errors import InputError
+from sera_cli.errors import InputError, first_line
 
 
 def is_dataset_folder(path: str | Path) -> bool:
@@ -30,7 +30,7 @@ def read_arrow(path: str | Path) -> pa.Table:
                 source.seek(0)
                 return pa.ipc.open_file(source).read_all()
     except (pa.ArrowException, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise InputError(str(path), f"not a readable Arrow file: {first}") from None
 
 

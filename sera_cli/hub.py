@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from sera_cli.errors import ConfigError, ModelError
+from sera_cli.errors import ConfigError, ModelError, first_line
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -58,7 +58,7 @@ def snapshot(spec: str) -> Path:
     except LocalEntryNotFoundError:
         pass
     except Exception as err:  # a malformed cache entry, a bad revision name
-        raise ModelError(f"{spec}: cannot read it from the Hugging Face cache: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"{spec}: cannot read it from the Hugging Face cache: {first_line(err)}") from None
     from huggingface_hub import constants
 
     where = constants.HF_HUB_CACHE
@@ -69,4 +69,4 @@ def snapshot(spec: str) -> Path:
         return Path(snapshot_download(repo, revision=revision))
     except Exception as err:  # no network, no such repo, gated repo
         raise ModelError(f"{spec}: no local folder of that name, not in the Hugging Face cache ({where}), and the download failed "
-                         f"({str(err).splitlines()[0][:160]}): check the id, or download it first") from None
+                         f"({first_line(err)[:160]}): check the id, or download it first") from None

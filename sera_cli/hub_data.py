@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from sera_cli.errors import ConfigError, InputError
+from sera_cli.errors import ConfigError, InputError, first_line
 
 DEFAULT_SPLIT = "train"
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:.+)?$")
@@ -69,7 +69,7 @@ def read_dataset(spec: str) -> pa.Table:
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except ValueError as err:  # an unknown split or subset: the message lists the known ones
-        raise InputError(spec, _first_line(err), hint="choose one with --split or --subset") from None
+        raise InputError(spec, first_line(err), hint="choose one with --split or --subset") from None
     except Exception as err:  # not on the Hub, not cached, gated, no network: datasets raises many types
         raise InputError(spec, _missing(name, err)) from None
     if isinstance(ds, datasets.DatasetDict | datasets.IterableDataset | datasets.IterableDatasetDict):
@@ -86,12 +86,8 @@ def _missing(name: str, err: Exception) -> str:
     from datasets import config
 
     where = Path(config.HF_DATASETS_CACHE)
-    why = "and HF_HUB_OFFLINE is set" if offline() else f"and loading it failed ({_first_line(err)[:160]})"
+    why = "and HF_HUB_OFFLINE is set" if offline() else f"and loading it failed ({first_line(err)[:160]})"
     return (f"no such file, nor a dataset in the Hugging Face cache ({where}), {why}: load it once where the "
             f"Hub is reachable (python -c \"import datasets; datasets.load_dataset('{name}')\"), or give a "
             "local file")
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sera_cli import provenance
-from sera_cli.errors import InputError
+from sera_cli.errors import InputError, first_line
 
 STDIO = "-"
 
@@ -110,7 +110,7 @@ def read_parquet(path: str) -> pa.Table:
     except InputError:
         raise
     except (pa.ArrowException, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise InputError(name, f"not a readable Parquet file: {first}",
                          hint="truncated or not Parquet? 'sera convert' reads JSONL") from None
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sera_cli.errors import ConfigError, SeraError
+from sera_cli.errors import ConfigError, SeraError, described
 
 C = TypeVar("C")
 _POLL_S = 0.5
@@ -132,11 +132,8 @@ def ranked(stage: Callable[[C], Any], config: C, kind: str, w: World, gpus_per_r
             summary = None
         else:
             summary = stage(mine)
-    except SeraError as err:
-        status = {"ok": False, "error": str(err)}
-    except Exception as err:  # an unexpected failure still reaches the other ranks, as one line
-        first = (str(err).strip().splitlines() or [""])[0]
-        status = {"ok": False, "error": f"{type(err).__name__}: {first}"}
+    except Exception as err:  # a failure of any kind reaches the other ranks, as one line
+        status = {"ok": False, "error": described(err)}
     store.set(f"{job}/rank{w.rank}", json.dumps(status))
     statuses = [json.loads(_wait(store, f"{job}/rank{r}")) for r in range(w.size)]
     failed = [(r, s["error"]) for r, s in enumerate(statuses) if not s["ok"]]

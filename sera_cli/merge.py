@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sera_cli.errors import InputError
+from sera_cli.errors import InputError, first_line
 
 # Settings that say how or where a shard ran, not what it computed; models are compared by fingerprint and the
 # input by content, so their paths may differ between machines.
@@ -154,7 +154,7 @@ def merged(paths: list[str], settings: dict[str, Any] | None = None) -> tuple[pa
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowException as err:
-        raise InputError(order[-1], f"columns differ from {order[0]}: {str(err).splitlines()[0]}") from None
+        raise InputError(order[-1], f"columns differ from {order[0]}: {first_line(err)}") from None
     first = parents[order[0]]
     job = {k: v for k, v in first.items() if k in ("stage", "config", "models", "logps", "engine", "sampling")}
     job["config"] = {**job.get("config", {}), "shard": None}

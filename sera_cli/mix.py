@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from sera_cli.errors import ConfigError, InputError
+from sera_cli.errors import ConfigError, InputError, first_line
 from sera_cli.select import fraction_count, top_mask
 
 KEY = ("prompt", "chosen", "rejected")
@@ -217,7 +217,7 @@ def mix(config: MixConfig) -> MixSummary:
     try:
         table = assemble(tables, rows, ["offline", "generated"][:len(tables)], config.seed)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-        raise InputError(gen.name, f"has columns whose types clash with {off.name}: {str(err).splitlines()[0]}",
+        raise InputError(gen.name, f"has columns whose types clash with {off.name}: {first_line(err)}",
                          hint="drop or cast the clashing column with 'sera sql'") from None
     table = table.append_column("iteration", pa.repeat(pa.scalar(config.iteration, pa.int32()), table.num_rows))
     all_parents = off_parents + (gen_parents or [])

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sera_cli.errors import ModelError
+from sera_cli.errors import ModelError, first_line
 from sera_cli.hashing import digest, file_digest, tree_digest
 from sera_cli.hub import is_hub_id, snapshot
 
@@ -111,14 +111,10 @@ def gguf_folder(gguf: Path) -> Path:
         try:
             _convert_gguf(gguf, target)
         except Exception as err:  # gguf and transformers raise many types for a bad file
-            raise ModelError(f"{gguf}: cannot read this GGUF file: {_first_line(err)} "
+            raise ModelError(f"{gguf}: cannot read this GGUF file: {first_line(err)} "
                              "(is it complete? download it again)") from None
     return target
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -176,7 +172,7 @@ def _load_problem(ref: ModelRef, what: str, err: BaseException) -> str:
     if "trust_remote_code" in str(err):
         return (f"{ref.spec}: {what} needs code from the model folder, which runs only with --trust-remote-code "
                 "(pass it if you trust that code)")
-    return f"{ref.spec}: cannot load {what}: {_first_line(err)}"
+    return f"{ref.spec}: cannot load {what}: {first_line(err)}"
 
 
 def load_config(ref: ModelRef, trust_remote_code: bool = False):

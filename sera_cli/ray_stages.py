@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from sera_cli.errors import ConfigError, SeraError
+from sera_cli.errors import ConfigError, SeraError, described
 
 if TYPE_CHECKING:
     from sera_cli.generation.config import GenerateConfig
@@ -142,12 +142,12 @@ class RayCluster:
 
     def engine_identity(self) -> dict[str, Any]:
         """The generation engine and its settings, resolved on a node like the actors' (its GPUs, its vLLM)."""
-        from sera_cli.generation.run import _engine_identity
+        from sera_cli.generation.run import engine_identity
 
         if self._engine is None:
             _, resources = self._pool()
             try:
-                self._engine = self.ray.get(self.ray.remote(**resources)(_engine_identity).remote(self.config))
+                self._engine = self.ray.get(self.ray.remote(**resources)(engine_identity).remote(self.config))
             except Exception as err:
                 raise SeraError(_failure(err)) from None
         return self._engine
@@ -259,13 +259,13 @@ class GenerateActor:
     def __init__(self, config, engine: str, stops: list[int], longest: int, context: int | None):
         self.name, self.config, self.stops, self.failed = _actor_name(), config, stops, None
         try:
-            from sera_cli.generation.run import _open_engine
+            from sera_cli.generation.run import open_engine
             from sera_cli.models import load_tokenizer, resolve
 
             ref = resolve(config.policy)
             self.tok = load_tokenizer(ref, config.trust_remote_code)
             # the engine reads the prompts only for their longest length (vLLM's max_model_len)
-            self.engine = _open_engine(config, ref, self.tok, engine, stops, [[0] * longest], context)
+            self.engine = open_engine(config, ref, self.tok, engine, stops, [[0] * longest], context)
         except Exception as err:
             self.failed = err
 
@@ -290,7 +290,7 @@ def _each_chunk(batch: pa.Table, actor: str, compute) -> pa.Table:
         try:
             out, fact = compute(_loads(data))
         except Exception as err:
-            raise ChunkFailed(f"{what} failed on Ray actor {actor}: {_line(err)}") from None
+            raise ChunkFailed(f"{what} failed on Ray actor {actor}: {described(err)}") from None
         chunks.append(c)
         rows.append(_dumps(out))
         facts.append(json.dumps({**fact, "actor": actor}))
@@ -326,7 +326,7 @@ def _join(where: str):
             ray.init(address=None if where == LOCAL else where, log_to_driver=debug,
                      logging_level=logging.INFO if debug else logging.WARNING)
         except Exception as err:
-            raise ConfigError(f"--ray-address {where}: cannot join the Ray cluster: {_line(err)} (start one with "
+            raise ConfigError(f"--ray-address {where}: cannot join the Ray cluster: {described(err)} (start one with "
                               "'ray start --head', or use --ray for this machine)") from None
     if os.environ.get("SERA_DEBUG") != "1":  # a failure is our one line, not Ray Data's traceback
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
@@ -347,14 +347,7 @@ def _failure(err: BaseException) -> str:
             return str(e)
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     found = re.search(r"ChunkFailed: (.+)", str(err))  # older Ray Data keeps only the text of the actor's error
-    return found.group(1).strip() if found else f"the Ray job failed: {_line(err)}"
-
-
-def _line(err: BaseException) -> str:
-    if isinstance(err, SeraError):
-        return str(err)
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return found.group(1).strip() if found else f"the Ray job failed: {described(err)}"
 
 
 def _actor_name() -> str:

@@ -117,14 +117,14 @@ def _generate(config: GenerateConfig, store: ChunkStore, t0: float, cluster=None
     context = model_context(ref, config.trust_remote_code)
     check_lengths(inputs, _slice(prompts, start, stop), tokens, config.max_new_tokens, context)
     stops = stop_ids(ref.path, tok, chat=prompts.kind == "conversational")
-    engine_id = cluster.engine_identity() if cluster else _engine_identity(config)
+    engine_id = cluster.engine_identity() if cluster else engine_identity(config)
     work = _Work(config, store, prompts, start, stop, tokens, stops, tok, identity={
         "model": ref.fingerprint, "tokenizer": tokenizer_fingerprint(tok), "engine": engine_id,
         "sampling": config.sampling(), "stops": stops})
     if cluster:
         cluster.generate(work, stops, tokens, context)
     else:
-        work.run(lambda: _open_engine(config, ref, tok, engine_id["name"], stops, tokens, context))
+        work.run(lambda: open_engine(config, ref, tok, engine_id["name"], stops, tokens, context))
     table = _table(inputs, prompts, work.rows())
     n_per = pc.value_counts(table.column("prompt_id")) if table.num_rows else []
     short = (stop - start) - sum(1 for c in n_per if c["counts"].as_py() >= config.n)
@@ -149,7 +149,7 @@ def _slice(p: Prompts, start: int, stop: int) -> Prompts:
     return Prompts(p.ids[start:stop], p.texts[start:stop], p.rows[start:stop], p.kind, p.repeated)
 
 
-def _engine_identity(config: GenerateConfig) -> dict[str, Any]:
+def engine_identity(config: GenerateConfig) -> dict[str, Any]:
     """The engine and the numeric settings it runs with (resolved, so 'auto' never hides a choice)."""
     import importlib.util
 
@@ -171,7 +171,7 @@ def _engine_identity(config: GenerateConfig) -> dict[str, Any]:
             "enforce_eager": config.enforce_eager}
 
 
-def _open_engine(config: GenerateConfig, ref, tok, name: str, stops: list[int], tokens: list[list[int]],
+def open_engine(config: GenerateConfig, ref, tok, name: str, stops: list[int], tokens: list[list[int]],
                  context: int | None):
     with console.status(f"Loading {ref.spec} ({name} engine)"):
         if name == "vllm":
