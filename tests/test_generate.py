@@ -187,7 +187,8 @@ def test_output_rows_columns_and_provenance(full_run, tiny_policy):
     assert set(d["finish_reason"]) == {"length"} and set(d["ntok"]) == {TOKENS}
     prov = provenance.read(t)
     assert prov["stage"] == "generate" and prov["models"]["policy"]["spec"] == tiny_policy
-    assert prov["engine"] == {"name": "hf", "dtype": "float32", "device": "cpu", "batch_size": 8}
+    assert prov["engine"] == {"name": "hf", "dtype": "float32", "device": "cpu", "batch_size": 8,
+                             "cache_tokens": 65536}
     assert prov["sampling"] == {"n": 4, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": TOKENS, "seed": 7,
                                 "max_redraws": 3}
     assert prov["stop_ids"] == [2] and prov["shortfall"] == {"prompts": 0, "missing": 0}
@@ -499,3 +500,35 @@ def test_bf16_output_projection_sees_a_contiguous_input(tiny_policy, dtype, cont
     with torch.inference_mode():
         model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache(config=model.config))
     assert seen == [contiguous]
+
+
+def test_decode_batches_keep_the_cache_within_its_token_budget():
+    from sera_cli.generation.engine_hf import decode_batches
+
+    widths = [1422, 1200, 700, 300, 300, 200, 200, 200]  # longest first, as the engine sorts them
+    assert decode_batches(widths, 256, None) == [(0, 8)]
+    assert decode_batches(widths, 3, None) == [(0, 3), (3, 6), (6, 8)]
+    got = decode_batches(widths, 256, 2000)
+    assert got == [(0, 1), (1, 2), (2, 4), (4, 8)]  # 1 x 1422, 1 x 1200, 2 x 700, 4 x 300 (each <= 2000)
+    assert all(max(1, e - b) * widths[b] <= 2000 or e - b == 1 for b, e in got)
+    assert decode_batches([5000, 10], 8, 2000) == [(0, 1), (1, 2)]  # a row wider than the budget runs alone
+
+
+def test_a_cache_token_budget_changes_batches_not_samples(tiny_policy):
+    """float32: batches cut by --cache-tokens sample what one batch of every row samples."""
+    from sera_cli.generation.engine_hf import HFEngine
+    from sera_cli.generation.prompts import prompt_tokens, stop_ids
+    from sera_cli.generation.sampling import Request
+    from sera_cli.models import load_tokenizer, resolve
+
+    ref = resolve(tiny_policy)
+    tok = load_tokenizer(ref)
+    stops = stop_ids(ref.path, tok, chat=True)
+    prompts = [prompt_tokens(tok, [{"role": "user", "content": p}]) for p in ENGINE_PROMPTS]
+    requests = [Request(p, 3, 50 + i) for i, p in enumerate(prompts)]
+    kw = {"dtype": "float32", "device": "cpu", "batch_size": 64, "temperature": 0.7, "top_p": 0.95,
+          "max_new_tokens": 8, "stop_ids": stops}
+    batches: list = []
+    small = HFEngine(ref, tok, cache_tokens=3 * (max(map(len, prompts)) + 8), **kw).generate(requests, batches.append)
+    assert len(batches) >= 3 and sum(map(len, batches)) == 12 and len(batches[0]) == 3  # the longest prompt: 3 rows
+    assert small == HFEngine(ref, tok, **kw).generate(requests)

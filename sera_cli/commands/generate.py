@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from sera_cli import options as o
+from sera_cli.generation.config import CACHE_TOKENS
 
 
 def generate_command(
@@ -34,6 +35,9 @@ def generate_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per decoding batch (hf engine; 256 = a "
                                             "default chunk of 64 prompts x 4; the samples do not depend on it).",
                                             min=1)] = 256,
+    cache_tokens: Annotated[int, typer.Option(
+        "--cache-tokens", help="Most key/value positions a decoding batch holds (hf engine): rows x (longest "
+        "prompt + --max-new-tokens); batches of long prompts get fewer rows.", min=1)] = CACHE_TOKENS,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs to split the model "
                                                       "over (vllm engine).", min=1)] = 1,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
@@ -75,7 +79,7 @@ def generate_command(
     config = GenerateConfig(
         inputs=with_split(inputs, split, subset), output=output, policy=policy, engine=engine, n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, max_redraws=max_redraws, dtype=dtype, device=device,
-        batch_size=batch_size, tensor_parallel_size=tensor_parallel_size,
+        batch_size=batch_size, cache_tokens=cache_tokens, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, chunk_prompts=chunk_prompts,
         resume=resume, shard=parse_shard(shard), trust_remote_code=trust_remote_code, progress=not quiet,
         score=score, ref=ref, reward=reward, beta=beta, max_length=max_length, max_prompt_length=max_prompt_length,
@@ -89,7 +93,7 @@ PANELS = {
     o.MODELS: ("policy", "revision", "max_length", "max_prompt_length", "trust_remote_code"),
     "Sampling": ("n", "temperature", "top_p", "max_new_tokens", "seed", "max_redraws"),
     o.REWARD: ("score", "ref", "ref_revision", "reward", "beta"),
-    o.PERFORMANCE: ("engine", "dtype", "device", "batch_size", "tensor_parallel_size", "gpu_memory_utilization",
+    o.PERFORMANCE: ("engine", "dtype", "device", "batch_size", "cache_tokens", "tensor_parallel_size", "gpu_memory_utilization",
                     "enforce_eager", "cache"),
     o.RESUME: ("chunk_prompts", "resume", "shard", "ray", "ray_address", "ray_actors"),
 }

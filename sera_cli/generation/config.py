@@ -9,6 +9,9 @@ from sera_cli.errors import ConfigError
 from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
 
 ENGINES = ("auto", "hf", "vllm")
+# The hf engine's key/value cache per decoding batch, in token positions (rows x (longest prompt + new tokens)):
+# 256 sequences of 256 positions; 3 GB for SmolLM2-135M in float32, 8.6 GB for a 7B model with 8 KV heads in bf16.
+CACHE_TOKENS = 65_536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,7 @@ class GenerateConfig:
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = 256  # sequences per decoding batch (hf engine): 1.51x batch 64, same samples (README)
+    cache_tokens: int = CACHE_TOKENS  # hf engine: rows x (longest prompt + max_new_tokens) per decoding batch
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None  # vllm: None is 0.9 on a GPU, 0.3 on CPU
     enforce_eager: bool = False  # vllm: no graph compilation (faster start, slower generation)
@@ -74,8 +78,8 @@ class GenerateConfig:
             p.append(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
         if self.max_redraws < 0:
             p.append(f"--max-redraws must be >= 0 (got {self.max_redraws})")
-        if self.batch_size < 1 or self.chunk_prompts < 1:
-            p.append("--batch-size and --chunk-prompts must be >= 1")
+        if self.batch_size < 1 or self.chunk_prompts < 1 or self.cache_tokens < 1:
+            p.append("--batch-size, --cache-tokens and --chunk-prompts must be >= 1")
         if self.tensor_parallel_size < 1:
             p.append(f"--tensor-parallel-size must be >= 1 (got {self.tensor_parallel_size})")
         if self.shard and not 0 <= self.shard[0] < self.shard[1]:

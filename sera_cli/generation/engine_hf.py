@@ -124,10 +124,12 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, ref, tok, *, dtype: str, device: str, batch_size: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop_ids: Sequence[int], trust_remote_code: bool = False):
+                 max_new_tokens: int, stop_ids: Sequence[int], trust_remote_code: bool = False,
+                 cache_tokens: int | None = None):
         self.model = load_generator(ref, tok, dtype, device, max_new_tokens, stop_ids, trust_remote_code)
         self.pad_id, self.stops, self.max_new_tokens = tok.pad_token_id, list(stop_ids), max_new_tokens
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
+        self.cache_tokens = cache_tokens  # None: batches of batch_size rows, however long their prompts
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self._cache_kwarg = cache_kwarg(self.model)  # `cache` in transformers 5.20+, `past_key_values` before
@@ -139,8 +141,9 @@ class HFEngine:
         rows = [(i, j) for i, r in enumerate(requests) for j in range(r.count)]
         rows.sort(key=lambda ij: (-len(requests[ij[0]].prompt_ids), ij))
         out: list[list[list[int]]] = [[[] for _ in range(r.count)] for r in requests]
-        for b in range(0, len(rows), self.batch_size):
-            batch = rows[b:b + self.batch_size]
+        widths = [len(requests[i].prompt_ids) + self.max_new_tokens for i, _ in rows]
+        for b, e in decode_batches(widths, self.batch_size, self.cache_tokens):
+            batch = rows[b:e]
             distinct = list(dict.fromkeys(i for i, _ in batch))
             owner = [distinct.index(i) for i, _ in batch]
             seeds = [row_seed(requests[i].seed, j) for i, j in batch]
@@ -200,6 +203,20 @@ class HFEngine:
             logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
                                 **{self._cache_kwarg: cache}).logits[:, -1]
         return out[:, :steps].tolist()
+
+
+def decode_batches(widths: Sequence[int], batch_size: int, cache_tokens: int | None) -> list[tuple[int, int]]:
+    """[start, end) of each batch of rows whose cache widths (prompt + new tokens) come longest first.
+
+    A batch takes up to `batch_size` rows while rows x its first (longest) width stays within `cache_tokens`;
+    a single row wider than that is a batch of its own.
+    """
+    out, b = [], 0
+    while b < len(widths):
+        rows = batch_size if cache_tokens is None else max(1, min(batch_size, cache_tokens // max(widths[b], 1)))
+        out.append((b, min(b + rows, len(widths))))
+        b = out[-1][1]
+    return out
 
 
 def preallocated(prefill, rows: torch.Tensor, room: int):

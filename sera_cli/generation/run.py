@@ -166,7 +166,8 @@ def engine_identity(config: GenerateConfig) -> dict[str, Any]:
         raise ConfigError(f"--engine vllm: vllm is not installed ({INSTALL_HINT}, or use --engine hf)")
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
     if name == "hf":
-        return {"name": "hf", "dtype": dtype, "device": device, "batch_size": config.batch_size}
+        return {"name": "hf", "dtype": dtype, "device": device, "batch_size": config.batch_size,
+                "cache_tokens": config.cache_tokens}
     return {"name": "vllm", "dtype": dtype, "device": device, "tensor_parallel_size": config.tensor_parallel_size,
             "enforce_eager": config.enforce_eager}
 
@@ -188,6 +189,7 @@ def open_engine(config: GenerateConfig, ref, tok, name: str, stops: list[int], t
         from sera_cli.generation.engine_hf import HFEngine
 
         return HFEngine(ref, tok, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+                        cache_tokens=config.cache_tokens,
                         temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                         stop_ids=stops, trust_remote_code=config.trust_remote_code)
 
