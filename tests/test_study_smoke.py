@@ -99,3 +99,21 @@ def test_rerun_does_no_work(smoke):
         ledger = json.loads((wd / "run.json").read_text())
         last = max(e["invocation"] for e in ledger["log"])
         assert {e["action"] for e in ledger["log"] if e["invocation"] == last} == {"skipped"}, wd.name
+
+
+def test_held_out_pairs_drawn_from_the_training_file_never_overlap_its_sample(tmp_path):
+    """--scale cpu-hh draws its training and held-out pairs from one file: one seeded order, disjoint slices."""
+    import pyarrow as pa
+
+    study = _study()
+    src = tmp_path / "all.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(50)], "prompt": [f"p{i}" for i in range(50)]}), src)
+    study.sample(src, 20, 0, tmp_path / "train.parquet")
+    study.sample(src, 25, 0, tmp_path / "held.parquet", skip=20)
+    study.sample(src, None, 0, tmp_path / "rest.parquet", skip=20)
+    train, held, rest = (set(pq.read_table(tmp_path / f).column("prompt").to_pylist())
+                         for f in ("train.parquet", "held.parquet", "rest.parquet"))
+    assert len(train) == 20 and len(held) == 25 and not train & held
+    assert rest == {f"p{i}" for i in range(50)} - train  # skip leaves out exactly the training sample
+    hh = study.SCALES["cpu-hh"].sets[0]
+    assert hh.train == (hh.eval,) and hh.rows == 128 and hh.eval_rows == 200
