@@ -19,8 +19,9 @@ from sera_cli.errors import InputError, first_line
 # Settings that say how or where a shard ran, not what it computed; models are compared by fingerprint and the
 # input by content, so their paths may differ between machines.
 RUN_ONLY = frozenset({"inputs", "output", "shard", "resume", "progress", "cache", "device", "batch_tokens",
-                      "low_memory", "batch_size", "cache_tokens", "tensor_parallel_size", "gpu_memory_utilization",
-                      "enforce_eager", "policy", "ref", "prev", "extra", "ray_address", "ray_actors"})
+                      "low_memory", "batch_size", "cache_tokens", "tensor_parallel_size",
+                      "gpu_memory_utilization", "enforce_eager", "policy", "ref", "prev", "extra", "ray_address",
+                      "ray_actors"})
 _HINT = "merge only the outputs of one 'sera score --shard i/n' or 'sera generate --shard i/n' job"
 
 

@@ -116,7 +116,6 @@ def gguf_folder(gguf: Path) -> Path:
     return target
 
 
-
 def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sera_cli.errors import InputError, first_line
+from sera_cli.errors import InputError, described
 from sera_cli.io import atomic_path, check_writable
 from sera_cli.pipeline.layout import Layout
 from sera_cli.pipeline.stages import read_ledger
@@ -91,8 +91,7 @@ def collect(workdir: str | Path) -> RunReport:
         try:
             it, irm_t = _iteration(lay, t, ledger, config)
         except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as err:  # damaged stage outputs
-            raise InputError(str(lay.iteration(t)), f"cannot be read: {type(err).__name__}: "
-                             f"{first_line(err)}",
+            raise InputError(str(lay.iteration(t)), f"cannot be read: {described(err)}",
                              hint="rerun 'sera run' with the same settings to rebuild the damaged stage") from None
         irm = irm_t or irm
         iters.append(it)

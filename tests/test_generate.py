@@ -440,15 +440,14 @@ def _both_engines(spec: str, temperature: float, top_p: float, counts: list[int]
     new, old = HFEngine(ref, tok, **kw), ReferenceHFEngine(ref, tok, **kw)
     batches = []
     got = new.generate(requests, batches.append)
-    _both_engines.compactions = new.compactions
-    return got, old.generate(requests), batches, stops
+    return got, old.generate(requests), batches, stops, new.compactions
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (1.0, 1.0), (0.0, 1.0)])
 def test_engine_samples_what_the_reference_engine_samples(tiny_policy, temperature, top_p):
     """Prefix sharing and the preallocated cache change nothing: token for token the one-row-per-sample
     `model.generate` engine's output, with batches of 6 sequences splitting prompts' samples across batches."""
-    got, want, batches, _ = _both_engines(tiny_policy, temperature, top_p, [4, 4, 3, 4], 10, 6)
+    got, want, batches, _, _ = _both_engines(tiny_policy, temperature, top_p, [4, 4, 3, 4], 10, 6)
     assert got == want
     assert [len(b) for b in batches] == [6, 6, 3] and all(len(s) == 10 for b in batches for s in b)
     assert [len(r) for r in got] == [4, 4, 3, 4]
@@ -459,10 +458,10 @@ def test_engine_samples_what_the_reference_engine_samples(tiny_policy, temperatu
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (0.0, 1.0)])
 def test_engine_matches_the_reference_on_smollm2(smol, temperature, top_p):
     """The real model, whose answers stop: a row that finished is padded, as `generate` pads it."""
-    got, want, _, stops = _both_engines(smol.path, temperature, top_p, [4, 4, 4, 4], 24, 16)
+    got, want, _, stops, compactions = _both_engines(smol.path, temperature, top_p, [4, 4, 4, 4], 24, 16)
     assert got == want
     assert any(t in stops for r in got for s in r for t in s[:-1])  # some sample stopped before the limit
-    assert _both_engines.compactions >= 1  # finished rows left the batch, and no other row's tokens changed
+    assert compactions >= 1  # finished rows left the batch, and no other row's tokens changed
 
 
 def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
@@ -479,7 +478,7 @@ def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
     torch.manual_seed(3)
     MistralForCausalLM(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(smol.path).save_pretrained(tmp_path)
-    got, want, _, _ = _both_engines(str(tmp_path), 0.7, 1.0, [2, 1, 3, 2], 12, 4)
+    got, want, _, _, _ = _both_engines(str(tmp_path), 0.7, 1.0, [2, 1, 3, 2], 12, 4)
     assert got == want and [len(r) for r in got] == [2, 1, 3, 2]
 
 

@@ -93,8 +93,8 @@ PANELS = {
     o.MODELS: ("policy", "revision", "max_length", "max_prompt_length", "trust_remote_code"),
     "Sampling": ("n", "temperature", "top_p", "max_new_tokens", "seed", "max_redraws"),
     o.REWARD: ("score", "ref", "ref_revision", "reward", "beta"),
-    o.PERFORMANCE: ("engine", "dtype", "device", "batch_size", "cache_tokens", "tensor_parallel_size", "gpu_memory_utilization",
-                    "enforce_eager", "cache"),
+    o.PERFORMANCE: ("engine", "dtype", "device", "batch_size", "cache_tokens", "tensor_parallel_size",
+                    "gpu_memory_utilization", "enforce_eager", "cache"),
     o.RESUME: ("chunk_prompts", "resume", "shard", "ray", "ray_address", "ray_actors"),
 }
 

@@ -179,41 +179,40 @@ class HFEngine:
         (float32 on x86 CPUs); `compactions` counts the times it happened.
         """
         stops = torch.tensor(self.stops, device=self.device)
-        table = np.array(seeds, dtype=np.uint64)
         live = torch.arange(len(seeds), device=self.device)  # the original row of each row in the batch
+        live_seeds = np.array(seeds, dtype=np.uint64)  # the seed of each row in the batch
         done = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
         out = torch.full((len(seeds), self.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
-        steps = 0
         for step in range(self.max_new_tokens):
-            token = nucleus_sample(logits, seeded_noise(table[live.cpu().numpy()], step), self.temperature,
+            token = nucleus_sample(logits, seeded_noise(live_seeds, step), self.temperature,
                                    self.top_p).masked_fill(done, self.pad_id)
             out[live, step] = token
-            steps = step + 1
             done |= torch.isin(token, stops)
             finished = int(done.sum())
-            if steps == self.max_new_tokens or finished == len(live):
+            if step + 1 == self.max_new_tokens or finished == len(live):
                 break
             if finished >= max(1, _COMPACT * len(live)):
                 keep = (~done).nonzero()[:, 0]
                 for layer in cache.layers:
                     layer.keep(keep)
                 live, mask, token, done = live[keep], mask[keep], token[keep], done[keep]
+                live_seeds = live_seeds[keep.cpu().numpy()]
                 self.compactions += 1
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
                                 **{self._cache_kwarg: cache}).logits[:, -1]
-        return out[:, :steps].tolist()
+        return out[:, :step + 1].tolist()
 
 
 def decode_batches(widths: Sequence[int], batch_size: int, cache_tokens: int | None) -> list[tuple[int, int]]:
     """[start, end) of each batch of rows whose cache widths (prompt + new tokens) come longest first.
 
     A batch takes up to `batch_size` rows while rows x its first (longest) width stays within `cache_tokens`;
-    a single row wider than that is a batch of its own.
+    a single row wider than that is a batch of its own. Widths are at least 1 (they count the new tokens).
     """
     out, b = [], 0
     while b < len(widths):
-        rows = batch_size if cache_tokens is None else max(1, min(batch_size, cache_tokens // max(widths[b], 1)))
+        rows = batch_size if cache_tokens is None else max(1, min(batch_size, cache_tokens // widths[b]))
         out.append((b, min(b + rows, len(widths))))
         b = out[-1][1]
     return out
