@@ -53,7 +53,7 @@ def table(folders: list[Path], group: str) -> str:
              f"| method | {head} | mean | mean - dpo | seeds above dpo |", "|---|" + "---|" * (len(seeds) + 3)]
     dpo = [last_heldout(d / group / "dpo") for d in folders]
     for m in METHODS:
-        accs = [last_heldout(d / group / m) for d in folders]
+        accs = dpo if m == "dpo" else [last_heldout(d / group / m) for d in folders]
         if all(a is None for a in accs):
             continue
         have = [(a, b) for a, b in zip(accs, dpo, strict=True) if a is not None and b is not None]
