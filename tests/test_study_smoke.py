@@ -117,3 +117,33 @@ def test_held_out_pairs_drawn_from_the_training_file_never_overlap_its_sample(tm
     assert rest == {f"p{i}" for i in range(50)} - train  # skip leaves out exactly the training sample
     hh = study.SCALES["cpu-hh"].sets[0]
     assert hh.train == (hh.eval,) and hh.rows == 128 and hh.eval_rows == 200
+
+
+def _seeds_module():
+    spec = importlib.util.spec_from_file_location("study_seeds", STUDY.parent / "study_seeds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seed_table_reads_the_same_accuracies_as_the_workdirs(smoke):
+    """tests/bench/study_seeds.py: one folder given twice is two seeds with equal numbers, so each method's mean
+    is its accuracy, its difference with dpo is that of the workdirs' held-out files, and AUROCs are read."""
+    _, out, _ = smoke
+    text = _seeds_module().table([out, out], "uf-flip20")
+
+    def acc(method: str) -> float:
+        last = max(int(p.name.split("-")[1]) for p in (out / "uf-flip20" / method).glob("iter-*")
+                   if (p / "heldout_scored.parquet").exists())
+        irm = pq.read_table(out / "uf-flip20" / method / f"iter-{last}" / "heldout_scored.parquet").column("irm")
+        return float(np.mean(np.asarray(irm.to_pylist()) > 0))
+
+    dpo, sera = acc("dpo"), acc("sera")
+    row = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert row["dpo"][1:4] == [f"{dpo:.1%}"] * 3 and row["dpo"][4] == "-"
+    assert row["sera"][1:4] == [f"{sera:.1%}"] * 3
+    assert row["sera"][4] == f"{sera - dpo:+.1%}"
+    assert row["sera"][5] == f"{2 * (sera > dpo)} of 2 |"
+    for name in ("IRM, in-sample", "IRM, cross-fitted"):
+        vals = row[name][1:3]
+        assert vals[0] == vals[1] and vals[0] != "-" and 0.0 <= float(vals[0]) <= 1.0
