@@ -574,20 +574,14 @@ def test_buffered_head_logits_are_linear_bit_for_bit():
     buffered = BufferedHead(head)
     x = torch.randn(5, 1, 24)
     off = head(x)  # inactive: the module's own forward
-    buffered.active = True
-    assert head(x).requires_grad  # with gradients on: the module's own forward
-    torch.set_grad_enabled(False)
-    try:
-        _buffered_head_checks(head, buffered, x, off)
-    finally:
-        torch.set_grad_enabled(True)
-
-
-def _buffered_head_checks(head, buffered, x, off):
-    on = head(x).clone()
-    assert torch.equal(on, off) and torch.equal(on, torch.nn.functional.linear(x, head.weight))
-    assert on.shape == (5, 1, 9000) and buffered.buffer.shape == (5, 9000)
-    small = head(x[:3])  # fewer rows reuse the buffer
-    assert torch.equal(small, torch.nn.functional.linear(x[:3], head.weight)) and buffered.buffer.shape == (5, 9000)
-    two = torch.randn(2, 3, 24)  # several positions: the module's own forward
-    assert torch.equal(head(two), torch.nn.functional.linear(two, head.weight))
+    with buffered.decoding():
+        assert head(x).requires_grad  # with gradients on: the module's own forward
+        with torch.inference_mode():
+            on = head(x).clone()
+            assert torch.equal(on, off) and torch.equal(on, torch.nn.functional.linear(x, head.weight))
+            assert on.shape == (5, 1, 9000) and buffered.buffer.shape == (5, 9000)
+            small = head(x[:3])  # fewer rows reuse the buffer
+            assert torch.equal(small, torch.nn.functional.linear(x[:3], head.weight)) and buffered.buffer.shape == (5, 9000)
+            two = torch.randn(2, 3, 24)  # several positions: the module's own forward
+            assert torch.equal(head(two), torch.nn.functional.linear(two, head.weight))
+    assert not buffered.active  # off again after decoding

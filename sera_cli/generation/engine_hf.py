@@ -24,6 +24,7 @@ baseline's (a GPU's kernels may do the same in any dtype).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -129,8 +130,8 @@ class BufferedHead:
     4,096 vocabulary columns each (the weight block stays in cache while the rows stream past it) writing into a
     buffer kept from the last step (a fresh 50 MB output takes page faults). Each logit is the same dot product
     over the hidden size, so the logits are bit for bit those of `linear` (tests/test_generate.py checks it).
-    Active only inside `decoding()`, for one-position float32 inputs on CPU; everything else calls the module's
-    own forward. The logits it returns are overwritten by the next step's.
+    Active only inside `decoding()`, for one-position inputs of a float32 head without bias (the engine attaches it
+    on CPU only); everything else calls the module's own forward. The logits it returns are overwritten by the next step's.
     """
 
     BLOCK = 4096
@@ -143,13 +144,19 @@ class BufferedHead:
     @classmethod
     def attach(cls, model) -> BufferedHead | None:
         head = model.get_output_embeddings()
-        ok = (type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
-              and head.weight.device.type == "cpu")
+        ok = type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
         return cls(head) if ok else None
 
+    @contextmanager
+    def decoding(self):
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.active or x.dim() != 3 or x.shape[1] != 1 or not x.is_contiguous() or x.dtype != torch.float32
-                or torch.is_grad_enabled()):
+        if not self.active or x.dim() != 3 or x.shape[1] != 1 or not x.is_contiguous() or torch.is_grad_enabled():
             return self.forward(x)
         rows, w = x.shape[0], self.head.weight
         if self.buffer.shape[0] < rows or self.buffer.shape[1] != w.shape[0]:
@@ -169,10 +176,11 @@ class HFEngine:
                  max_new_tokens: int, stop_ids: Sequence[int], trust_remote_code: bool = False,
                  cache_tokens: int | None = None, fast_decode: bool = True):
         self.model = load_generator(ref, tok, dtype, device, max_new_tokens, stop_ids, trust_remote_code)
-        # matmul attention for decoding steps on CPU (sera_cli.generation.decode_attention); GPUs keep sdpa's kernels
-        self.decode_attention = (fast_decode and self.model.device.type == "cpu"
-                                 and use_decode_attention(self.model))
-        self.head = BufferedHead.attach(self.model) if fast_decode else None
+        # on CPU: matmul attention for decoding steps and a blocked vocabulary projection; GPUs keep sdpa and `linear`
+        cpu_kernels = fast_decode and self.model.device.type == "cpu"
+        if cpu_kernels:
+            use_decode_attention(self.model)
+        self.head = BufferedHead.attach(self.model) if cpu_kernels else None
         self.pad_id, self.stops, self.max_new_tokens = tok.pad_token_id, list(stop_ids), max_new_tokens
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
         self.cache_tokens = cache_tokens  # None: batches of batch_size rows, however long their prompts
@@ -214,7 +222,8 @@ class HFEngine:
 
                 return generate_rows(self.model, self.pad_id, [prompts[o] for o in owner], seeds,
                                      self.temperature, self.top_p)
-            return self._decode(logits.index_select(0, rows), mask.index_select(0, rows), cache, seeds)
+            with self.head.decoding() if self.head is not None else nullcontext():
+                return self._decode(logits.index_select(0, rows), mask.index_select(0, rows), cache, seeds)
 
     def _decode(self, logits: torch.Tensor, mask: torch.Tensor, cache, seeds: list[int]) -> list[list[int]]:
         """Sample up to max_new_tokens per row; a finished row is given padding, as `generate` gives it.
@@ -245,14 +254,8 @@ class HFEngine:
                 live_seeds = live_seeds[keep.cpu().numpy()]
                 self.compactions += 1
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            if self.head is not None:
-                self.head.active = True
-            try:
-                logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
-                                    **{self._cache_kwarg: cache}).logits[:, -1]
-            finally:
-                if self.head is not None:
-                    self.head.active = False
+            logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
+                                **{self._cache_kwarg: cache}).logits[:, -1]
         return out[:, :step + 1].tolist()
 
 
