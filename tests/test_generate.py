@@ -81,6 +81,24 @@ def test_nucleus_sample_hand_computed():
     assert nucleus_sample(logits, noise, 0.0, 0.8).tolist() == [0, 0]  # greedy
 
 
+def test_nucleus_sample_with_kept_tables_samples_the_same():
+    """The sampler's kept tables (SamplerBuffers) hold the same numbers as fresh ones: the same tokens, call after
+    call, as the row count shrinks (finished rows leave) and grows again."""
+    from sera_cli.generation.engine_hf import SamplerBuffers, seeded_noise
+
+    g = torch.Generator().manual_seed(3)
+    buffers = SamplerBuffers()
+    seeds = np.arange(12, dtype=np.uint64) * 7919
+    for step, rows in enumerate((12, 12, 5, 9)):
+        logits = torch.randn(rows, 3000, generator=g) * (1 + step)
+        for top_p in (0.9, 1.0):
+            fresh = nucleus_sample(logits, seeded_noise(seeds[:rows], step), 0.7, top_p)
+            kept = nucleus_sample(logits, seeded_noise(seeds[:rows], step), 0.7, top_p, buffers)
+            assert torch.equal(fresh, kept)
+    scaled, probs = buffers.tables(logits)
+    assert torch.equal(scaled, logits / 0.7) and torch.equal(probs, torch.softmax(logits / 0.7, dim=-1))
+
+
 def _reference_nucleus(logits: np.ndarray, noise: np.ndarray, temperature: float, top_p: float) -> int:
     z = logits / temperature
     p = np.exp(z - z.max())
@@ -411,6 +429,51 @@ def test_bad_vllm_not_installed(tmp_path, tiny_policy):
     assert err == "error: --engine vllm: vllm is not installed (pip install 'sera[vllm]', or use --engine hf)\n"
 
 
+onednn = pytest.mark.skipif(not __import__("sera_cli.generation.packed_linear", fromlist=["x"]).onednn_available(),
+                            reason="torch built without oneDNN")
+
+
+@onednn
+def test_packed_linear_is_linear_within_rounding_and_ignores_the_row_count():
+    """oneDNN with a packed weight: `linear` within float32 rounding, and each row's numbers bit for bit the same
+    whether it comes alone (the one-row case is computed as two rows), with 2, 7 or 300 others, flat or [B, 1, H]."""
+    from sera_cli.generation.packed_linear import PackedLinear, pack, packed_linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(96, 160, bias=True)
+    x = torch.randn(300, 96, generator=g)
+    packed = pack(layer.weight, 64)
+    assert packed is not None
+    with torch.inference_mode():
+        full = packed_linear(x, packed, layer.bias)
+        torch.testing.assert_close(full, layer(x), rtol=1e-5, atol=1e-5)
+        for m in (1, 2, 7):
+            assert torch.equal(packed_linear(x[:m], packed, layer.bias), full[:m])
+            assert torch.equal(packed_linear(x[-m:].view(m, 1, 96), packed, layer.bias), full[-m:].view(m, 1, 160))
+        PackedLinear(layer, packed)
+        assert torch.equal(layer(x[:5]), full[:5])
+    assert layer(x[:2]).requires_grad  # training: the module's own forward, with gradients
+    assert pack(layer.weight.bfloat16(), 64) is None  # float32 only
+
+
+@onednn
+def test_buffered_head_with_packed_blocks():
+    """The vocabulary projection in packed oneDNN blocks: the full packed projection bit for bit (each logit is
+    one dot product), `linear` within rounding, and a row's logits do not depend on the batch's row count."""
+    from sera_cli.generation.engine_hf import BufferedHead
+    from sera_cli.generation.packed_linear import pack, packed_linear
+
+    head = torch.nn.Linear(24, 9000, bias=False)
+    buffered = BufferedHead(head, rows=8)
+    assert buffered.blocks is not None and len(buffered.blocks) == 3  # 4096 + 4096 + 808 columns
+    x = torch.randn(5, 1, 24)
+    with buffered.decoding(), torch.inference_mode():
+        on = head(x).clone()
+        assert torch.equal(on[:, 0], packed_linear(x[:, 0], pack(head.weight, 8), None))
+        torch.testing.assert_close(on, torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+        assert torch.equal(head(x[2:3]).clone(), on[2:3])
+
+
 def test_help_has_an_example():
     r = sera("generate", "--help")
     assert r.exit_code == 0 and "Example: sera generate prompts.parquet --policy" in r.stdout
@@ -438,9 +501,13 @@ def _both_engines(spec: str, temperature: float, top_p: float, counts: list[int]
     kw = {"dtype": "float32", "device": "cpu", "batch_size": batch, "temperature": temperature, "top_p": top_p,
           "max_new_tokens": tokens, "stop_ids": stops}
     new, old = HFEngine(ref, tok, **kw), ReferenceHFEngine(ref, tok, **kw)
+    from sera_cli.generation.packed_linear import onednn_available
+
+    linears = sum(type(m) is torch.nn.Linear for m in new.model.modules()) - 1  # all but the vocabulary projection
+    assert new.packed_layers == (linears if onednn_available() else 0) and old.packed_layers == 0
     batches = []
     got = new.generate(requests, batches.append)
-    return got, old.generate(requests), batches, stops, new.compactions
+    return got, old.generate(requests), batches, stops, (new.compactions, new.shared_batches)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (1.0, 1.0), (0.0, 1.0)])
@@ -458,10 +525,77 @@ def test_engine_samples_what_the_reference_engine_samples(tiny_policy, temperatu
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (0.0, 1.0)])
 def test_engine_matches_the_reference_on_smollm2(smol, temperature, top_p):
     """The real model, whose answers stop: a row that finished is padded, as `generate` pads it."""
-    got, want, _, stops, compactions = _both_engines(smol.path, temperature, top_p, [4, 4, 4, 4], 24, 16)
+    got, want, _, stops, (compactions, shared) = _both_engines(smol.path, temperature, top_p, [4, 4, 4, 4], 24, 16)
     assert got == want
     assert any(t in stops for r in got for s in r for t in s[:-1])  # some sample stopped before the limit
     assert compactions >= 1  # finished rows left the batch, and no other row's tokens changed
+    assert shared == 1  # the prompts' keys/values were kept once until the first compaction
+
+
+def test_engine_keeps_each_prompt_once_for_whole_groups(tiny_policy):
+    """Batches of whole groups (2 prompts x 3 samples) decode over each prompt's keys/values kept once, and
+    sample what the reference engine samples."""
+    got, want, batches, _, (_, shared) = _both_engines(tiny_policy, 0.7, 0.95, [3, 3, 3, 3], 10, 6)
+    assert got == want and [len(b) for b in batches] == [6, 6] and shared == 2
+
+
+def test_prefill_in_calls_of_similar_lengths(tiny_policy, monkeypatch):
+    """Prompts prefilled a few at a time, each call padded to its own longest prompt at the positions one call
+    would give them: the logits and keys/values of one call within float32 rounding (pad positions zero), and the
+    engine still samples what the reference engine samples."""
+    from sera_cli.generation import engine_hf
+    from sera_cli.models import load_tokenizer, resolve
+
+    ref = resolve(tiny_policy)
+    engine = engine_hf.HFEngine(ref, load_tokenizer(ref), dtype="float32", device="cpu", batch_size=8,
+                                temperature=0.7, top_p=0.95, max_new_tokens=4, stop_ids=[2])
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16], [17, 18, 19, 20, 21]]
+    with torch.inference_mode():
+        one_logits, one_cache, one_mask = engine._prefill(prompts)
+        monkeypatch.setattr(engine_hf, "_PREFILL_PROMPTS", 2)
+        logits, cache, mask = engine._prefill(prompts)
+    assert torch.equal(mask, one_mask) and mask.shape == (4, 7)
+    torch.testing.assert_close(logits, one_logits, rtol=1e-5, atol=1e-5)
+    for layer, one in zip(cache.layers, one_cache.layers, strict=True):
+        assert layer.keys.shape == one.keys.shape
+        real = mask[:, None, :, None].bool()
+        torch.testing.assert_close(layer.keys * real, one.keys * real, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.values * real, one.values * real, rtol=1e-5, atol=1e-5)
+        assert not layer.keys[2, :, :5].any()  # prompt 2 (2 tokens) was prefilled at width 5: zeros before it
+    got, want, _, _, _ = _both_engines(tiny_policy, 0.7, 0.95, [3, 3, 3, 3], 10, 12)
+    assert got == want
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_shared_prompt_attention_equals_attention_over_repeated_prompts(mask_kind):
+    """Scoring each prompt's keys once with all its samples' queries, then one softmax over prompt and generated
+    positions, is attention over the cache with the prompt repeated per sample (within float32 rounding)."""
+    from sera_cli.generation.decode_attention import decode_attention, shared_prompt_attention
+    from sera_cli.generation.decode_cache import SharedPromptLayer, groups_of
+
+    g = torch.Generator().manual_seed(1)
+    prompts, group, hkv, hq, p, d = 3, 4, 2, 6, 7, 8
+    rows = prompts * group
+    layer = SharedPromptLayer(torch.randn(prompts, hkv, p, d, generator=g), torch.randn(prompts, hkv, p, d, generator=g),
+                              group, room=5)
+    for _ in range(3):  # three generated positions
+        key, value = layer.update(torch.randn(rows, hkv, 1, d, generator=g), torch.randn(rows, hkv, 1, d, generator=g))
+    assert layer.get_seq_length() == p + 3 and key.shape == (rows, hkv, 3, d)
+    whole_k, whole_v = layer.whole()
+    assert torch.equal(whole_k[5, :, :p], layer.prompt_keys[1]) and torch.equal(whole_k[5, :, p:], key[5])
+    mask = torch.ones(rows, 1, 1, p + 3, dtype=torch.bool)
+    mask[4:8, ..., :3] = False  # prompt 1 was left-padded by 3
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    elif mask_kind == "none":
+        mask = None
+    q = torch.randn(rows, hq, 1, d, generator=g)
+    module = _attention_module(hq // hkv)
+    got = shared_prompt_attention(q, layer, key, value, mask, 0.3)
+    want, _ = decode_attention(module, q, whole_k, whole_v, mask, scaling=0.3)
+    assert got.shape == (rows, 1, hq, d)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert groups_of([0, 0, 1, 1], 2) == 2 and groups_of([0, 1, 0, 1], 2) == 0 and groups_of([0, 0, 1], 2) == 0
 
 
 def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
@@ -469,7 +603,7 @@ def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
     the reference engine samples."""
     from transformers import AutoTokenizer, DynamicCache, MistralConfig, MistralForCausalLM
 
-    from sera_cli.generation.engine_hf import preallocated
+    from sera_cli.generation.decode_cache import preallocated
 
     config = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8, bos_token_id=1,

@@ -147,3 +147,30 @@ def test_seed_table_reads_the_same_accuracies_as_the_workdirs(smoke):
     for name in ("IRM, in-sample", "IRM, cross-fitted"):
         vals = row[name][1:3]
         assert vals[0] == vals[1] and vals[0] != "-" and 0.0 <= float(vals[0]) <= 1.0
+
+
+def test_irm_sweep_cell_scores_the_pairs_pi_1_trained_on(tmp_path, tiny_policy):
+    """tests/bench/irm_sweep.py: one (rows, lr) cell at the smoke scale. The in-sample scoring covers exactly the
+    training pairs, with pi_1 (not pi_0: the margins move), pi_0's numbers come from the sweep's shared cache, the
+    table's AUROC is the one of the scored file, and a rerun does no work."""
+    study = _study()
+    spec = importlib.util.spec_from_file_location("irm_sweep", STUDY.parent / "irm_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    sweep.study = study  # the module whose SHARED points at the test data
+    base = study.SCALES["smoke"]
+    folder = sweep.cell(tmp_path, 24, 1e-3, base, tiny_policy)
+    wd = folder / "uf-flip20" / "dpo"
+    scored = pq.read_table(wd / "iter-1" / "insample_scored.parquet").to_pydict()
+    train = pq.read_table(folder / "data" / "uf-24-flip20.parquet").to_pydict()
+    assert sorted(scored["id"]) == sorted(train["id"]) and sum(scored["flipped"]) == 5
+    assert np.abs(np.asarray(scored["irm"])).max() > 0  # pi_1 against pi_0: margins moved
+    assert (tmp_path / "cache").is_dir() and (folder / "cache").resolve() == (tmp_path / "cache").resolve()
+    from sera_cli.rankstats import auroc
+
+    want = auroc(-np.asarray(scored["irm"], float), np.asarray(scored["flipped"], bool))
+    row = next(line for line in sweep.table(tmp_path, 0.7, 0).splitlines() if "in-sample" in line)
+    assert row.startswith("| 24 | 0.001 |") and f"| {want:.3f} |" in row
+    stamp = (wd / "iter-1" / "insample_scored.parquet").stat().st_mtime_ns
+    sweep.cell(tmp_path, 24, 1e-3, base, tiny_policy)
+    assert (wd / "iter-1" / "insample_scored.parquet").stat().st_mtime_ns == stamp

@@ -17,6 +17,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from sera_cli.generation.decode_cache import KWARG, SharedPromptLayer
+
 NAME = "sera_decode"
 
 
@@ -26,21 +28,58 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """transformers' attention-function signature: query [B, Hq, T, D], key/value [B, Hkv, L, D] -> [B, T, Hq, D]."""
     special = (kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
                or kwargs.get("sliding_window") is not None or kwargs.get("s_aux") is not None)
+    shared = kwargs.pop(KWARG, None)
     if query.shape[2] != 1 or dropout or special or query.shape[1] % key.shape[1]:
+        if shared is not None:
+            raise RuntimeError("a shared-prompt cache reached an attention this function leaves to sdpa")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     b, hq, _, d = query.shape
     hkv = key.shape[1]
+    scale = d ** -0.5 if scaling is None else scaling
+    if shared is not None:  # each prompt's keys/values once for its samples (decode_cache.SharedPromptLayer)
+        return shared_prompt_attention(query, shared.layers[module.layer_idx], key, value, attention_mask, scale), None
     q = query.reshape(b, hkv, hq // hkv, d)  # the query heads that share a key/value head, as rows
-    scores = torch.matmul(q, key.transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
+    probs = weights(torch.matmul(q, key.transpose(-1, -2)) * scale, attention_mask, value.dtype)
+    out = torch.matmul(probs, value)  # [B, Hkv, G, D]
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+
+
+def weights(scores: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax (in float32) of scaled scores, padded positions at -inf (a bool mask) or added (an additive one)."""
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, G, D]
-    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+    return torch.softmax(scores.float(), dim=-1).to(dtype)
+
+
+def shared_prompt_attention(query: torch.Tensor, layer: SharedPromptLayer, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One query per row over a cache that keeps each prompt once: query [B, Hq, 1, D], key/value the generated
+    part [B, Hkv, T, D], the mask over prompt then generated positions [B, 1, 1, P + T] -> [B, 1, Hq, D].
+
+    The prompt part is scored with all of a prompt's samples' queries in one matrix (one per prompt and
+    key/value head instead of one per sample), then one softmax runs over prompt and generated positions
+    together, so the weights are those of the whole row."""
+    b, hq, _, d = query.shape
+    hkv, g, n = key.shape[1], hq // key.shape[1], layer.group
+    pk, pv = layer.prompt_keys, layer.prompt_values
+    prompts, p = pk.shape[0], pk.shape[2]
+    q = query.reshape(b, hkv, g, d)
+
+    def by_prompt(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, g, X] -> [prompts, Hkv, n * g, X]
+        return x.reshape(prompts, n, hkv, g, -1).transpose(1, 2).reshape(prompts, hkv, n * g, x.shape[-1])
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse
+        return x.reshape(prompts, hkv, n, g, -1).transpose(1, 2).reshape(b, hkv, g, x.shape[-1])
+
+    scores = torch.cat([by_row(torch.matmul(by_prompt(q), pk.transpose(-1, -2))),
+                        torch.matmul(q, key.transpose(-1, -2))], dim=-1) * scaling
+    probs = weights(scores, attention_mask, value.dtype)
+    out = by_row(torch.matmul(by_prompt(probs[..., :p]), pv)) + torch.matmul(probs[..., p:], value)
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(NAME, decode_attention)

