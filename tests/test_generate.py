@@ -566,6 +566,28 @@ def test_prefill_in_calls_of_similar_lengths(tiny_policy, monkeypatch):
     assert got == want
 
 
+def test_a_model_that_drops_call_keywords_falls_back_to_one_row_per_sample(tiny_policy, monkeypatch):
+    """Where the model does not hand the shared-prompt cache to sera's attention (a model class whose layers drop
+    call keywords), the engine notices at the first step, takes it back and decodes with one row per sample:
+    the reference engine's samples, not attention over the generated positions alone."""
+    from sera_cli.generation import decode_attention as da
+
+    plain = da.decode_attention
+
+    def dropping(module, query, key, value, attention_mask, **kwargs):
+        shared = kwargs.pop(da.KWARG, None)
+        if shared is not None:  # what the model would see without the keyword: the generated part only
+            return plain(module, query, key, value, None, **kwargs)
+        return plain(module, query, key, value, attention_mask, **kwargs)
+
+    da.AttentionInterface.register(da.NAME, dropping)
+    try:
+        got, want, _, _, (_, shared) = _both_engines(tiny_policy, 0.7, 0.95, [3, 3, 3, 3], 10, 6)
+    finally:
+        da.AttentionInterface.register(da.NAME, plain)
+    assert got == want and shared == 1  # the first batch tried, the second knew
+
+
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
 def test_shared_prompt_attention_equals_attention_over_repeated_prompts(mask_kind):
     """Scoring each prompt's keys once with all its samples' queries, then one softmax over prompt and generated

@@ -67,6 +67,7 @@ def shared_prompt_attention(query: torch.Tensor, layer: SharedPromptLayer, key: 
     hkv, g, n = key.shape[1], hq // key.shape[1], layer.group
     pk, pv = layer.prompt_keys, layer.prompt_values
     prompts, p = pk.shape[0], pk.shape[2]
+    layer.reads += 1
     q = query.reshape(b, hkv, g, d)
 
     def by_prompt(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, g, X] -> [prompts, Hkv, n * g, X]

@@ -55,6 +55,11 @@ class BufferedLayer(DynamicLayer):
     def room(self) -> int:
         return self._k.shape[2] - self.keys.shape[2]
 
+    def drop_last(self) -> None:
+        """Forget the last position written (a step taken back)."""
+        n = self.keys.shape[-2] - 1
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
 
 class SharedPromptLayer(BufferedLayer):
     """Prompt keys/values [prompts, H, P, D] (as prefilled, left-padded) kept once, and the generated ones of
@@ -64,6 +69,7 @@ class SharedPromptLayer(BufferedLayer):
         rows = torch.arange(keys.shape[0], device=keys.device).repeat_interleave(group)
         super().__init__(keys[:, :, :0], values[:, :, :0], rows, room)
         self.prompt_keys, self.prompt_values, self.group = keys, values, group
+        self.reads = 0  # decoding steps whose attention read the prompt part (the engine checks the first one)
 
     def get_seq_length(self) -> int:
         return self.prompt_keys.shape[-2] + self.keys.shape[-2]

@@ -351,9 +351,19 @@ class HFEngine:
                 live_seeds = live_seeds[keep.cpu().numpy()]
                 self.compactions += 1
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            logits = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
-                                **{self._cache_kwarg: cache}, **({KWARG: cache} if shared else {})).logits[:, -1]
+            logits = self._step(token, mask, cache, shared)
+            if shared and not all(layer.reads for layer in cache.layers):
+                # the model did not hand the cache to sera's attention (a model class that drops call keywords):
+                # take the step back and decode this batch, and the next ones, with one row per sample
+                for layer in cache.layers:
+                    layer.drop_last()
+                shared = self.share_prompts = unshare(cache)
+                logits = self._step(token, mask, cache, shared)
         return out[:, :step + 1].tolist()
+
+    def _step(self, token: torch.Tensor, mask: torch.Tensor, cache, shared: bool) -> torch.Tensor:
+        return self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
+                          **{self._cache_kwarg: cache}, **({KWARG: cache} if shared else {})).logits[:, -1]
 
 
 def decode_batches(widths: Sequence[int], batch_size: int, cache_tokens: int | None) -> list[tuple[int, int]]:
