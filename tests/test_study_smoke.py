@@ -170,7 +170,7 @@ def test_irm_sweep_cell_scores_the_pairs_pi_1_trained_on(tmp_path, tiny_policy):
 
     want = auroc(-np.asarray(scored["irm"], float), np.asarray(scored["flipped"], bool))
     row = next(line for line in sweep.table(tmp_path, 0.7, 0).splitlines() if "in-sample" in line)
-    assert row.startswith("| 24 | 0.001 |") and f"| {want:.3f} |" in row
+    assert row.startswith("| 24 | 0.001 |") and f"| {want:.3f} [" in row
     stamp = (wd / "iter-1" / "insample_scored.parquet").stat().st_mtime_ns
     sweep.cell(tmp_path, 24, 1e-3, base, tiny_policy)
     assert (wd / "iter-1" / "insample_scored.parquet").stat().st_mtime_ns == stamp

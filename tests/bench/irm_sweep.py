@@ -79,6 +79,19 @@ def cell(out: Path, rows: int, lr: float, base: study.Scale, policy: str | None)
     return folder
 
 
+def auroc_ci(scores: np.ndarray, flipped: np.ndarray, seed: int = 0, draws: int = 1000) -> tuple[float, float]:
+    """95% percentile bootstrap interval (rows resampled) of the AUROC of a low score for the flipped rows."""
+    from sera_cli.rankstats import auroc
+
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        i = rng.integers(0, len(scores), len(scores))
+        if flipped[i].any() and not flipped[i].all():
+            values.append(auroc(-scores[i], flipped[i]))
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def cell_rows(folder: Path, k1: float, seed: int) -> list[tuple[str, dict, dict]]:
     """(selector, stats, policy row) of one finished cell."""
     wd = folder / "uf-flip20" / "dpo"
@@ -87,13 +100,16 @@ def cell_rows(folder: Path, k1: float, seed: int) -> list[tuple[str, dict, dict]
         return []
     tab = pq.read_table(scored).to_pydict()
     pol = (study.policy_rows(wd) or [{}])[0]
-    rows = [("IRM of pi_1, in-sample", study.selector_stats(np.asarray(tab["irm"], float), tab, k1), pol)]
+    irm = np.asarray(tab["irm"], float)
+    stats = study.selector_stats(irm, tab, k1)
+    stats["flip_auroc_ci"] = auroc_ci(irm, np.asarray(tab["flipped"], bool), seed)
+    rows = [("IRM of pi_1, in-sample", stats, pol)]
     rows += [(name, s, pol) for name, _, s in study.baseline_rows(wd, k1, seed)]
     return rows
 
 
 def table(out: Path, k1: float, seed: int) -> str:
-    lines = ["| rows | lr | selector | AUROC, flipped vs clean | flips left in top k1 | Spearman with GPT-4 margin "
+    lines = ["| rows | lr | selector | AUROC, flipped vs clean [95% CI] | flips left in top k1 | Spearman with GPT-4 margin "
              "| pi_1 train reward acc | pi_1 held-out acc [95% CI] | stage time (s) |",
              "|---:|---:|---|---:|---:|---:|---:|---|---:|"]
     cells = sorted((p for p in out.glob("r*-lr*") if p.is_dir()),
@@ -105,7 +121,10 @@ def table(out: Path, k1: float, seed: int) -> str:
             acc = f"{study.f(pol.get('heldout'), '.1%')} [{study.f(ci[0], '.1%')}, {study.f(ci[1], '.1%')}]" \
                 if ci else "-"
             first = name.startswith("IRM")
-            lines.append(f"| {rows} | {lr} | {name} | {study.f(s.get('flip_auroc'), '.3f')} | "
+            auc = study.f(s.get('flip_auroc'), '.3f')
+            if "flip_auroc_ci" in s:
+                auc += f" [{s['flip_auroc_ci'][0]:.3f}, {s['flip_auroc_ci'][1]:.3f}]"
+            lines.append(f"| {rows} | {lr} | {name} | {auc} | "
                          f"{study.f(s.get('flips_kept'), '.1%')} | {study.f(s.get('gpt4_spearman'), '+.3f')} | "
                          f"{study.f(pol.get('train_acc'), '.0%') if first else ''} | {acc if first else ''} | "
                          f"{study.f(pol.get('seconds'), ',.0f') if first else ''} |")
