@@ -19,6 +19,7 @@ from sera_cli import provenance
 from sera_cli.app import app
 from sera_cli.generation.config import GenerateConfig
 from sera_cli.generation.engine_hf import gumbel, nucleus_sample
+from sera_cli.generation.packed_linear import onednn_available
 from sera_cli.generation.sampling import collect, draw_seed, trim, uniforms
 from sera_cli.hashing import digest
 
@@ -429,8 +430,7 @@ def test_bad_vllm_not_installed(tmp_path, tiny_policy):
     assert err == "error: --engine vllm: vllm is not installed (pip install 'sera[vllm]', or use --engine hf)\n"
 
 
-onednn = pytest.mark.skipif(not __import__("sera_cli.generation.packed_linear", fromlist=["x"]).onednn_available(),
-                            reason="torch built without oneDNN")
+onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
 
 @onednn
@@ -501,8 +501,6 @@ def _both_engines(spec: str, temperature: float, top_p: float, counts: list[int]
     kw = {"dtype": "float32", "device": "cpu", "batch_size": batch, "temperature": temperature, "top_p": top_p,
           "max_new_tokens": tokens, "stop_ids": stops}
     new, old = HFEngine(ref, tok, **kw), ReferenceHFEngine(ref, tok, **kw)
-    from sera_cli.generation.packed_linear import onednn_available
-
     linears = sum(type(m) is torch.nn.Linear for m in new.model.modules()) - 1  # all but the vocabulary projection
     assert new.packed_layers == (linears if onednn_available() else 0) and old.packed_layers == 0
     batches = []

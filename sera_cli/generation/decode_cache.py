@@ -109,8 +109,8 @@ def preallocated(prefill, rows: torch.Tensor, room: int, group: int = 0):
     return cache
 
 
-def unshare(cache) -> bool:
-    """Give a shared-prompt cache one row per sample (with the room it had left); False, for the caller's flag."""
+def unshare(cache) -> None:
+    """Give a shared-prompt cache one row per sample (with the room it had left); other caches stay as they are."""
     if isinstance(cache.layers[0], SharedPromptLayer):
         layers = []
         for layer in cache.layers:
@@ -118,4 +118,3 @@ def unshare(cache) -> bool:
             rows = torch.arange(keys.shape[0], device=keys.device)
             layers.append(BufferedLayer(keys, values, rows, layer.room()))
         cache.layers = layers
-    return False

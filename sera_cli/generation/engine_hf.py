@@ -83,20 +83,14 @@ def nucleus_sample(logits: torch.Tensor, noise: Noise, temperature: float, top_p
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if buffers is None:
-        scaled = logits.float() / temperature
-    else:
-        scaled, probs = buffers.tables(logits)
-        torch.div(logits.float(), temperature, out=scaled)
+    scaled, probs = buffers.tables(logits) if buffers is not None else (None, None)
+    scaled = torch.div(logits.float(), temperature, out=scaled)
     rows_all = torch.arange(logits.shape[0], device=logits.device)
     vocab = logits.shape[1]
     if top_p >= 1.0:
         ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)
         return (scaled + noise(rows_all, ids)).argmax(dim=-1)
-    if buffers is None:
-        probs = torch.softmax(scaled, dim=-1)
-    else:
-        torch.ops.aten._softmax.out(scaled, -1, False, out=probs)
+    probs = torch.softmax(scaled, dim=-1) if probs is None else torch.ops.aten._softmax.out(scaled, -1, False, out=probs)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     todo = rows_all
     for k in (*(k for k in _TOPK if k < vocab), vocab):  # widen the candidates until they hold the nucleus
@@ -229,7 +223,7 @@ class HFEngine:
             if onednn:
                 self.packed_layers = pack_linears(self.model, batch_size, skip=self.model.get_output_embeddings())
         self.head = BufferedHead.attach(self.model, batch_size if onednn else None) if cpu_kernels else None
-        self.fast_sampler = fast_decode  # the sampler's vocabulary tables kept between steps (same numbers)
+        self.fast_decode = fast_decode  # also: the sampler's vocabulary tables kept between steps, on any device
         self.pad_id, self.stops, self.max_new_tokens = tok.pad_token_id, list(stop_ids), max_new_tokens
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
         self.cache_tokens = cache_tokens  # None: batches of batch_size rows, however long their prompts
@@ -286,38 +280,39 @@ class HFEngine:
         gets its first call's cache back, which `preallocated` turns down."""
         _, mask = left_pad(prompts, self.pad_id, self.device)
         width = mask.shape[1]
-        order = list(range(len(prompts)))
-        if len(prompts) > _PREFILL_PROMPTS:
-            order.sort(key=lambda i: -len(prompts[i]))
-        logits, parts = None, []
+        if len(prompts) <= _PREFILL_PROMPTS:  # one call, rows in order
+            return (*self._prefill_call(prompts, width), mask)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        parts = []
         for c in range(0, len(order), _PREFILL_PROMPTS):
-            idx = order[c:c + _PREFILL_PROMPTS]
-            ids, part_mask = left_pad([prompts[i] for i in idx], self.pad_id, self.device)
-            w = ids.shape[1]
-            positions = torch.arange(width - w, width, device=self.device).expand(len(idx), w)
-            part = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, attention_mask=part_mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{self._cache_kwarg: part}).logits[:, -1]
-            if len(order) <= _PREFILL_PROMPTS or any(type(layer) is not DynamicLayer for layer in part.layers):
-                return out, part, mask  # one call (rows in order), or a cache `preallocated` turns down
-            if logits is None:
-                logits = out.new_empty((len(prompts), out.shape[-1]))
-            at = torch.tensor(idx, device=self.device)
-            logits[at] = out
-            parts.append((at, w, part))
+            at = order[c:c + _PREFILL_PROMPTS]
+            out, part = self._prefill_call([prompts[i] for i in at], width)
+            if any(type(layer) is not DynamicLayer for layer in part.layers):
+                return out, part, mask  # a cache `preallocated` turns down
+            parts.append((torch.tensor(at, device=self.device), out, part))
+        logits = parts[0][1].new_empty((len(prompts), parts[0][1].shape[-1]))
         cache = DynamicCache(config=None)
-        cache.layers = []
-        for n, first in enumerate(parts[0][2].layers):
-            layer = DynamicLayer()
-            layer.keys = first.keys.new_zeros((len(prompts), *first.keys.shape[1:2], width, first.keys.shape[3]))
-            layer.values = first.values.new_zeros((len(prompts), *first.values.shape[1:2], width,
-                                                   first.values.shape[3]))
-            for at, w, part in parts:
-                layer.keys[at, :, width - w:] = part.layers[n].keys
-                layer.values[at, :, width - w:] = part.layers[n].values
+        cache.layers = [DynamicLayer() for _ in parts[0][2].layers]
+        for n, layer in enumerate(cache.layers):
+            k, v = parts[0][2].layers[n].keys, parts[0][2].layers[n].values
+            layer.keys = k.new_zeros((len(prompts), k.shape[1], width, k.shape[3]))
+            layer.values = v.new_zeros((len(prompts), v.shape[1], width, v.shape[3]))
             layer.is_initialized = True
-            cache.layers.append(layer)
+        for at, out, part in parts:
+            logits[at] = out
+            for layer, got in zip(cache.layers, part.layers, strict=True):
+                layer.keys[at, :, width - got.keys.shape[2]:] = got.keys
+                layer.values[at, :, width - got.values.shape[2]:] = got.values
         return logits, cache, mask
+
+    def _prefill_call(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, DynamicCache]:
+        """One prefill call, left-padded to its longest prompt, at the last positions of `width`."""
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        positions = torch.arange(width - ids.shape[1], width, device=self.device).expand_as(ids)
+        part = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{self._cache_kwarg: part}).logits[:, -1]
+        return logits, part
 
     def _decode(self, logits: torch.Tensor, mask: torch.Tensor, cache, seeds: list[int]) -> list[list[int]]:
         """Sample up to max_new_tokens per row; a finished row is given padding, as `generate` gives it.
@@ -332,7 +327,7 @@ class HFEngine:
         live_seeds = np.array(seeds, dtype=np.uint64)  # the seed of each row in the batch
         done = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
         out = torch.full((len(seeds), self.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
-        buffers = SamplerBuffers() if self.fast_sampler else None
+        buffers = SamplerBuffers() if self.fast_decode else None
         shared = isinstance(cache.layers[0], SharedPromptLayer)
         for step in range(self.max_new_tokens):
             token = nucleus_sample(logits, seeded_noise(live_seeds, step), self.temperature, self.top_p,
@@ -344,7 +339,8 @@ class HFEngine:
                 break
             if finished >= max(1, _COMPACT * len(live)):
                 keep = (~done).nonzero()[:, 0]
-                shared = unshare(cache)  # the rows left are no longer whole groups of a prompt's samples
+                unshare(cache)  # the rows left are no longer whole groups of a prompt's samples
+                shared = False
                 for layer in cache.layers:
                     layer.keep(keep)
                 live, mask, token, done = live[keep], mask[keep], token[keep], done[keep]
@@ -352,12 +348,13 @@ class HFEngine:
                 self.compactions += 1
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits = self._step(token, mask, cache, shared)
-            if shared and not all(layer.reads for layer in cache.layers):
+            if shared and step == 0 and not all(layer.reads for layer in cache.layers):
                 # the model did not hand the cache to sera's attention (a model class that drops call keywords):
                 # take the step back and decode this batch, and the next ones, with one row per sample
                 for layer in cache.layers:
                     layer.drop_last()
-                shared = self.share_prompts = unshare(cache)
+                unshare(cache)
+                shared = self.share_prompts = False
                 logits = self._step(token, mask, cache, shared)
         return out[:, :step + 1].tolist()
 

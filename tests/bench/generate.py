@@ -21,8 +21,8 @@ in one process, model loading excluded from the timings:
 Tokens are the new tokens of each response up to and including its stop token. Prints tokens/s (wall clock, and
 per CPU-second of this process, which a busy machine disturbs less), the ratio to the first engine at the same
 dtype, the load average around each run, whether baseline and hf sampled identical tokens, and the fraction of
-the machine's matmul peak: the faster of `torch.nn.functional.linear` and oneDNN with a packed weight, timed in the same run at the model's MLP shape with
---batch-size rows, against the matmul FLOPs of the generated tokens (2 x the weights of every linear layer per
+the machine's matmul peak: the faster of `torch.nn.functional.linear` and oneDNN with a packed weight, timed in
+the same run at the model's MLP shape with --batch-size rows, against the matmul FLOPs of the generated tokens (2 x the weights of every linear layer per
 token: prefill and padded rows are not counted, so it is a lower bound). Then one line per dtype for the README.
 `--dtype auto` is bfloat16 where the CPU has native bf16 matmuls (AMX or AVX512_BF16) and float32 elsewhere.
 """
@@ -213,8 +213,9 @@ def main() -> None:
             if model is not None and name != "loop":
                 peak, peak_cpu = linear_peak(model, args.batch_size, dtype)
                 done = rates[name] * linear_flops(model)
-                print(f"          {name:8} matmul FLOP/s {done / 1e9:.1f} G = {done / peak:.0%} of the matmul peak "
-                      f"{peak / 1e9:.0f} G (MKL linear or packed oneDNN) at [{args.batch_size} x {model.config.hidden_size}] x "
+                print(f"          {name:8} matmul FLOP/s {done / 1e9:.1f} G = {done / peak:.0%} of the matmul "
+                      f"peak {peak / 1e9:.0f} G (MKL linear or packed oneDNN) at [{args.batch_size} x "
+                      f"{model.config.hidden_size}] x "
                       f"[{model.config.hidden_size} x {model.config.intermediate_size}] in {dtype} (per CPU-second: "
                       f"{n_tok / cpu * linear_flops(model) / peak_cpu:.0%} of {peak_cpu / 1e9:.0f} G)", flush=True)
         for name in ("hf", "hf-plain", "hf-mkl"):

@@ -24,6 +24,7 @@ OUT/sweep.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -37,29 +38,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import study  # noqa: E402
 
 
-def insample_score(wd: Path, train: Path, policy: str, run: dict) -> Path:
-    """Score the training pairs with (pi_1, pi_0): the IRM of the pairs pi_1 was trained on (redone if pi_1 changed)."""
-    from sera_cli.pipeline.stages import content_hash
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
-
-    it = wd / "iter-1"
-    out, stamp = it / "insample_scored.parquet", it / "insample_scored.model"
-    fp = content_hash(it / "model")
-    if out.exists() and stamp.exists() and stamp.read_text() == fp:
-        return out
-    study.log(f"$ sera score {train} --policy {it / 'model'} --ref {policy} --beta {run['beta']} --dtype "
-              f"{run['dtype']} --max-length {run['max_length']} --max-prompt-length {run['max_prompt_length']} "
-              f"--cache {wd / 'cache'} --resume -o {out}")
-    s = score(ScoreConfig(inputs=(str(train),), output=str(out), policy=str(it / "model"), ref=policy,
-                          beta=run["beta"], dtype=run["dtype"], device=run.get("device", "auto"),
-                          max_length=run["max_length"], max_prompt_length=run["max_prompt_length"],
-                          batch_tokens=run["batch_tokens"], cache=str(wd / "cache"), resume=True))
-    study.log(f"  training pairs scored: {s.rows} rows, {s.computed} computed, {s.cached} cached")
-    stamp.write_text(fp)
-    return out
-
-
 def cell(out: Path, rows: int, lr: float, base: study.Scale, policy: str | None) -> Path:
     """One (rows, lr) cell: the study's dpo method at 20% flips, then the in-sample scoring."""
     folder = out / f"r{rows}-lr{lr:g}"
@@ -71,10 +49,9 @@ def cell(out: Path, rows: int, lr: float, base: study.Scale, policy: str | None)
         (folder / "cache").symlink_to(os.path.relpath(out / "cache", folder), target_is_directory=True)
     t0 = time.perf_counter()
     study.run_study(scale, folder, policy)
-    run = study.json.loads((folder / "scale.json").read_text())["run"]
-    wd = folder / "uf-flip20" / "dpo"
-    train = folder / "data" / f"uf-{rows}-flip20.parquet"
-    insample_score(wd, train, run["policy"], run)
+    run = json.loads((folder / "scale.json").read_text())["run"]
+    train = folder / "data" / f"uf-{rows}-flip20.parquet"  # the pairs pi_1 was trained on
+    study.heldout_score(folder / "uf-flip20" / "dpo", 1, train, run["policy"], run, name="insample_scored")
     study.log(f"== cell rows {rows}, lr {lr:g} done in {time.perf_counter() - t0:,.0f} s")
     return folder
 

@@ -253,15 +253,16 @@ def seed_from(src: Path, dst: Path) -> None:
     (dst / "run.json").write_text(json.dumps({"stages": stages, "log": []}, indent=2))
 
 
-def heldout_score(wd: Path, t: int, held: Path, policy: str, run: dict) -> None:
-    """Score the held-out pairs with (pi_t, pi_0) into iter-t/heldout_scored.parquet (redone if pi_t changed)."""
+def heldout_score(wd: Path, t: int, held: Path, policy: str, run: dict, name: str = "heldout_scored") -> Path:
+    """Score pairs (the held-out ones by default) with (pi_t, pi_0) into iter-t/<name>.parquet (redone if pi_t
+    changed)."""
     from sera_cli.pipeline.stages import content_hash
 
-    out, model = wd / f"iter-{t}" / "heldout_scored.parquet", wd / f"iter-{t}" / "model"
+    out, model = wd / f"iter-{t}" / f"{name}.parquet", wd / f"iter-{t}" / "model"
     stamp = out.with_suffix(".model")
     fp = content_hash(model)
     if out.exists() and stamp.exists() and stamp.read_text() == fp:
-        return
+        return out
     from sera_cli.score import score
     from sera_cli.score_config import ScoreConfig
 
@@ -273,8 +274,9 @@ def heldout_score(wd: Path, t: int, held: Path, policy: str, run: dict) -> None:
         f"--max-length {run['max_length']} --max-prompt-length {run['max_prompt_length']} --cache {wd / 'cache'} "
         f"--resume -o {out}")
     s = score(sc)
-    log(f"  held-out scored: {s.rows} rows, {s.computed} computed, {s.cached} cached")
+    log(f"  {name}: {s.rows} rows, {s.computed} computed, {s.cached} cached")
     stamp.write_text(fp)
+    return out
 
 
 def run_study(scale: Scale, out: Path, policy: str | None) -> None:
