@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,45 @@ def test_held_out_pairs_drawn_from_the_training_file_never_overlap_its_sample(tm
     assert rest == {f"p{i}" for i in range(50)} - train  # skip leaves out exactly the training sample
     hh = study.SCALES["cpu-hh"].sets[0]
     assert hh.train == (hh.eval,) and hh.rows == 128 and hh.eval_rows == 200
+    # --scale cpu-512 is the cpu study at 4x the rows and nothing else changed but the generated prompts, so its
+    # iteration 1 is irm_sweep.py's 512-row lr 1e-5 cell (README)
+    big, cpu = study.SCALES["cpu-512"], study.SCALES["cpu"]
+    assert big.run == {**cpu.run, "gen_prompts": 256} and big.sets == (replace(cpu.sets[0], rows=512),)
+
+
+def test_cache_link_works_with_a_relative_study_folder(tmp_path, monkeypatch):
+    """A relative --out (`--out runs/study`) once gave each workdir a link that pointed nowhere; an old dangling
+    link is replaced, and the study folder can move with its links intact."""
+    study = _study()
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs") / "study"
+    wd = out / "uf-flip20" / "sera"
+    (out / "cache").mkdir(parents=True)
+    wd.mkdir(parents=True)
+    (wd / "cache").symlink_to(Path("nowhere") / "cache")  # dangling, as an older absolute link can be
+    study.link_cache(wd, out)
+    (out / "cache" / "logps.sqlite").write_text("x")
+    assert (wd / "cache" / "logps.sqlite").read_text() == "x"
+    study.link_cache(wd, out)  # a second call leaves a working link alone
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    assert (tmp_path / "moved" / "study" / "uf-flip20" / "sera" / "cache" / "logps.sqlite").read_text() == "x"
+
+
+def test_paired_difference_cancels_what_both_policies_share():
+    study = _study()
+    a, b = np.array([1, 1, 0, 0, 1.0] * 40), np.array([1, 0, 0, 0, 1.0] * 40)
+    d, lo, hi = study.paired_diff(a, b)
+    assert d == pytest.approx(0.2) and lo < 0.2 < hi
+    assert study.paired_diff(a, a) == (0.0, 0.0, 0.0)  # the same outcomes: no difference, no spread
+    # resampling pairs together: narrower than two independent intervals' overlap would suggest
+    lo_a, hi_a = study.bootstrap_ci(a)
+    assert hi - lo < hi_a - lo_a
+
+
+def test_paired_table_in_the_tables(smoke):
+    study, out, _ = smoke
+    text = (out / "tables.md").read_text()
+    assert "### Paired" in text and "| sera | " in text.split("### Paired")[1].split("###")[0]
 
 
 def _seeds_module():

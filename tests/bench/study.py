@@ -1,6 +1,7 @@
 """Study: does SeRA beat DPO and iterative DPO on real preference data? One command per scale, resumable.
 
     python tests/bench/study.py --scale cpu --out study/          # 2 CPU cores (README: wall time)
+    python tests/bench/study.py --scale cpu-512 --out study-512/  # the same at 4x the rows (~2 h on 2 cores)
     python tests/bench/study.py --scale smoke --out /tmp/smoke    # tiny random model, a few rows (CI)
     python tests/bench/study.py --scale gpu --out study-gpu/      # one large GPU, vLLM, bfloat16
     python tests/bench/study.py --scale gpu --dry-run --out /tmp/gpu-dry   # the GPU plumbing on CPU
@@ -24,7 +25,9 @@ Every method is a `sera run` workdir under OUT/<set>-flip<F>/<method>; they shar
 iteration 1 (identical for every method that uses DPO) is trained once in the `dpo` workdir and copied (hard
 links) into the others, whose ledgers then skip it. Each iteration's policy pi_t is scored against pi_0 on the
 held-out pairs into `iter-t/heldout_scored.parquet`, so `sera report` and `sera sql` read everything back. A
-rerun of the same command skips everything that is done. The tables go to OUT/tables.md.
+rerun of the same command skips everything that is done. The tables go to OUT/tables.md; since every policy is
+scored on the same held-out pairs, they include each final policy's paired difference against dpo and
+iterative-dpo.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import pyarrow.parquet as pq
 
 SHARED = Path(os.environ.get("SERA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 METHODS = ("dpo", "iterative-dpo", "sera-select", "sera", "sera-select-xfit", "cdpo", "rdpo")
-ORDER = ("dpo", "iterative-dpo", "sera-select", "sera", "cdpo", "rdpo", "sera-select-xfit")  # if time runs out
+ORDER = ("dpo", "iterative-dpo", "sera-select", "sera", "sera-select-xfit", "cdpo", "rdpo")  # if time runs out
 ITER1_SHARED = ("iterative-dpo", "sera-select", "sera", "sera-select-xfit")  # iteration 1 = the dpo run
 
 
@@ -98,6 +101,11 @@ SCALES = {
     # pairs drawn from one seeded order of the test split, so the two never share a row.
     "cpu-hh": Scale("cpu-hh", (DataSet("hh", (HH[0],), 128, HH[0], 200),), (0.2, 0.0), 2, METHODS, CPU_RUN,
                     clean_methods=CLEAN),
+    # The cpu study at 4x the rows (after the training and generation speed-ups), 20% flips: 512 pairs, 64 steps
+    # per iteration, generation for half the prompts as at 128 rows. Its iteration 1 is irm_sweep.py's 512-row,
+    # lr 1e-5 cell (the same settings, data and seed).
+    "cpu-512": Scale("cpu-512", (DataSet("uf", (f"{UF}/train_clean.jsonl",), 512, f"{UF}/eval_clean.jsonl", None),),
+                     (0.2,), 2, METHODS, {**CPU_RUN, "gen_prompts": 256}, clean_methods=CLEAN),
     # Not measured yet (no GPU so far): sized by estimate for ~10 min of one H200; --rows shrinks it.
     "gpu": Scale("gpu", (DataSet("uf", (f"{UF}/train_clean.jsonl",), None, f"{UF}/eval_clean.jsonl", None),
                          DataSet("hh", HH, 3000, None, None, heldout=0.05)),
@@ -253,6 +261,16 @@ def seed_from(src: Path, dst: Path) -> None:
     (dst / "run.json").write_text(json.dumps({"stages": stages, "log": []}, indent=2))
 
 
+def link_cache(wd: Path, out: Path) -> None:
+    """wd/cache -> out/cache, the study's one log-prob cache; relative, so that a relative --out works and the
+    study folder can move; a dangling link (an older absolute one) is replaced."""
+    link = wd / "cache"
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(os.path.relpath(out / "cache", wd), target_is_directory=True)
+
+
 def heldout_score(wd: Path, t: int, held: Path, policy: str, run: dict, name: str = "heldout_scored") -> Path:
     """Score pairs (the held-out ones by default) with (pi_t, pi_0) into iter-t/<name>.parquet (redone if pi_t
     changed)."""
@@ -301,8 +319,7 @@ def run_study(scale: Scale, out: Path, policy: str | None) -> None:
                 if m in ITER1_SHARED:
                     seed_from(group / "dpo", wd)
                 wd.mkdir(parents=True, exist_ok=True)
-                if not (wd / "cache").exists():
-                    (wd / "cache").symlink_to(out / "cache", target_is_directory=True)
+                link_cache(wd, out)
                 s = {**run, **method_settings(replace(scale, run=run), m, flip, ds)}
                 t0 = time.perf_counter()
                 log(f"== {group.name}/{m}")
@@ -324,6 +341,28 @@ def bootstrap_ci(correct: np.ndarray, seed: int = 0, draws: int = 2000) -> tuple
     rng = np.random.default_rng(seed)
     means = correct[rng.integers(0, len(correct), (draws, len(correct)))].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_diff(a: np.ndarray, b: np.ndarray, seed: int = 0, draws: int = 2000) -> tuple[float, float, float]:
+    """Mean of a - b (0/1 outcomes of two policies on the same pairs) and its 95% paired bootstrap interval:
+    the pairs are resampled together, so what both policies get right or wrong cancels."""
+    rng = np.random.default_rng(seed)
+    d = a - b
+    means = d[rng.integers(0, len(d), (draws, len(d)))].mean(axis=1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def final_correct(wd: Path) -> np.ndarray | None:
+    """The last iteration's held-out outcomes (irm > 0) in id order, or None when not scored yet."""
+    t = 1
+    while (wd / f"iter-{t + 1}" / "heldout_scored.parquet").exists():
+        t += 1
+    h = wd / f"iter-{t}" / "heldout_scored.parquet"
+    if not h.exists():
+        return None
+    tab = pq.read_table(h, columns=["id", "irm"]).to_pydict()
+    order = np.argsort(np.asarray(tab["id"], dtype=object))
+    return (np.asarray(tab["irm"], float)[order] > 0).astype(float)
 
 
 def kept_share(scores: np.ndarray, flipped: np.ndarray, k1: float) -> float:
@@ -447,6 +486,23 @@ def tables(scale: Scale, out: Path) -> str:
                              f"{f(r.get('loss_last'), '.3f')} | {f(r.get('train_acc'), '.0%')} | {acc} | "
                              f"{f(r.get('heldout_clear'), '.1%')} | {f(r.get('length_rho'), '+.3f')} | "
                              f"{f(r.get('seconds'), ',.0f')} |")
+        final = {m: final_correct(group / m) for m in METHODS if (group / m / "run.json").exists()}
+        final = {m: c for m, c in final.items() if c is not None}
+        if len(final) > 1 and "dpo" in final:
+            lines += ["", "### Paired: each final policy against one DPO iteration and iterative DPO, on the same "
+                      "held-out pairs (difference in accuracy, 95% paired bootstrap interval)", "",
+                      "| method | minus dpo | minus iterative-dpo |", "|---|---|---|"]
+            for m, c in final.items():
+                if m == "dpo":
+                    continue
+                cells = []
+                for base in ("dpo", "iterative-dpo"):
+                    if base == m or base not in final:
+                        cells.append("-")
+                        continue
+                    d, lo, hi = paired_diff(c, final[base])
+                    cells.append(f"{d * 100:+.1f} points [{lo * 100:+.1f}, {hi * 100:+.1f}]")
+                lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
         lines += ["", "### Selection: does the score find the flipped labels and agree with GPT-4?", "",
                   "| selector | scored at iter | AUROC, flipped vs clean | flips left in top k1 | Spearman with "
                   "GPT-4 margin | AUROC, GPT-4 margin >= 2 |", "|---|---|---|---|---|---|"]
