@@ -37,23 +37,34 @@ class LocalJudge:
                  "max_tokens": self.max_tokens, "decoding": "greedy"}
         return {**ident, "prefill": self.prefill} if self.prefill else ident
 
+    @property
+    def tokenizer(self):
+        """The judge's tokenizer (loaded once, checked for a chat template); the model is not loaded."""
+        if self._tok is None:
+            from sera_cli.generation.prompts import stop_ids
+            from sera_cli.models import load_tokenizer, model_context
+
+            tok = load_tokenizer(self.ref, self.trust_remote_code)
+            if not tok.chat_template:
+                raise ModelError(f"judge {self.spec}: its tokenizer has no chat template; a judge must be a chat "
+                                 "(instruct) model, or serve one behind --judge-url")
+            self.stops = stop_ids(self.ref.path, tok, chat=True)
+            self.context = model_context(self.ref, self.trust_remote_code)
+            self._tok = tok
+        return self._tok
+
     def _load(self) -> None:
         from sera_cli.generation.engine_hf import HFEngine
-        from sera_cli.generation.prompts import stop_ids
-        from sera_cli.models import load_tokenizer, model_context
 
-        tok = load_tokenizer(self.ref, self.trust_remote_code)
-        if not tok.chat_template:
-            raise ModelError(f"judge {self.spec}: its tokenizer has no chat template; a judge must be a chat "
-                             "(instruct) model, or serve one behind --judge-url")
-        self._tok, self.stops = tok, stop_ids(self.ref.path, tok, chat=True)
-        self.context = model_context(self.ref, self.trust_remote_code)
+        tok = self.tokenizer
         self._engine = HFEngine(self.ref, tok, dtype=self.dtype, device=self.device, batch_size=self.batch_size,
                                 temperature=0.0, top_p=1.0, max_new_tokens=self.max_tokens, stop_ids=self.stops,
                                 trust_remote_code=self.trust_remote_code)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        tok = self._tok
+        """The judge prompt's token ids: chat template, generation prompt and prefill; checked against the
+        context."""
+        tok = self.tokenizer
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:  # a template that rejects the system role: fold it into the user turn

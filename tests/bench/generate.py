@@ -22,8 +22,9 @@ Tokens are the new tokens of each response up to and including its stop token. P
 per CPU-second of this process, which a busy machine disturbs less), the ratio to the first engine at the same
 dtype, the load average around each run, whether baseline and hf sampled identical tokens, and the fraction of
 the machine's matmul peak: the faster of `torch.nn.functional.linear` and oneDNN with a packed weight, timed in
-the same run at the model's MLP shape with --batch-size rows, against the matmul FLOPs of the generated tokens (2 x the weights of every linear layer per
-token: prefill and padded rows are not counted, so it is a lower bound). Then one line per dtype for the README.
+the same run at the model's MLP shape with --batch-size rows, against the matmul FLOPs of the generated tokens
+(2 x the weights of every linear layer per token: prefill and padded rows are not counted, so it is a lower
+bound). Then one line per dtype for the README.
 `--dtype auto` is bfloat16 where the CPU has native bf16 matmuls (AMX or AVX512_BF16) and float32 elsewhere.
 """
 

@@ -52,8 +52,7 @@ def main() -> None:
     from sera_cli.evaluation.config import EvalConfig
     from sera_cli.evaluation.run import evaluate
 
-    rows = [json.loads(x) for x in (SHARED / "ultrafeedback-sample" / "eval_clean.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if isinstance(r["prompt"], str)][: args.pairs]
+    rows = _pairs(args.pairs)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="judge-check-"))
     work.mkdir(parents=True, exist_ok=True)
     prompts = work / "question.jsonl"  # FastChat's question format: the ids are ours
@@ -86,6 +85,7 @@ def main() -> None:
 
 
 def _pairs(n: int) -> list[dict]:
+    """The first n held-out UltraFeedback pairs whose prompt is a string."""
     rows = [json.loads(x) for x in (SHARED / "ultrafeedback-sample" / "eval_clean.jsonl").read_text().splitlines()]
     return [r for r in rows if isinstance(r["prompt"], str)][:n]
 
@@ -98,13 +98,11 @@ def calibrated(args: argparse.Namespace) -> None:
     from sera_cli.evaluation.judge_local import LocalJudge
     from sera_cli.evaluation.prompts import Question
     from sera_cli.evaluation.protocol import judge_messages
-    from sera_cli.models import load_model, load_tokenizer, model_context
+    from sera_cli.models import load_model
 
     rows = _pairs(args.pairs)
-    judge = LocalJudge(args.judge, max_tokens=args.max_tokens, prefill=args.prefill)
-    # the judge's prompts exactly as `sera eval` builds them (chat template, prefill, context check), no engine
-    judge._tok, judge.context = load_tokenizer(judge.ref), model_context(judge.ref)
-    model, tok = load_model(judge.ref, dtype="float32", device="cpu"), judge._tok
+    judge = LocalJudge(args.judge, max_tokens=args.max_tokens, prefill=args.prefill)  # its prompts, as `sera eval`'s
+    model, tok = load_model(judge.ref, dtype="float32", device="cpu"), judge.tokenizer
     a, b = (tok(v, add_special_tokens=False)["input_ids"][-1] for v in ("A", "B"))
     t0, margins, mass = time.perf_counter(), [], []
     for i, r in enumerate(rows):
@@ -113,7 +111,7 @@ def calibrated(args: argparse.Namespace) -> None:
         for first, second in ((r["chosen"], r["rejected"]), (r["rejected"], r["chosen"])):
             _, msgs = judge_messages("pairwise", q, 1, [first[: args.max_chars]], [second[: args.max_chars]])
             with torch.no_grad():
-                lp = model(torch.tensor([judge.prompt_ids(msgs)])).logits[0, -1].float().log_softmax(-1)
+                lp = model(torch.tensor([judge.prompt_ids(msgs)])).logits[0, -1].log_softmax(-1)
             both.append(float(lp[a] - lp[b]))
             mass.append(float(lp[a].exp() + lp[b].exp()))
         margins.append(both)

@@ -337,7 +337,7 @@ def run_study(scale: Scale, out: Path, policy: str | None) -> None:
 
 
 def bootstrap_ci(correct: np.ndarray, seed: int = 0, draws: int = 2000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of a mean of 0/1 outcomes."""
+    """95% percentile bootstrap interval of a mean (of 0/1 outcomes, or of their paired differences)."""
     rng = np.random.default_rng(seed)
     means = correct[rng.integers(0, len(correct), (draws, len(correct)))].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
@@ -346,23 +346,8 @@ def bootstrap_ci(correct: np.ndarray, seed: int = 0, draws: int = 2000) -> tuple
 def paired_diff(a: np.ndarray, b: np.ndarray, seed: int = 0, draws: int = 2000) -> tuple[float, float, float]:
     """Mean of a - b (0/1 outcomes of two policies on the same pairs) and its 95% paired bootstrap interval:
     the pairs are resampled together, so what both policies get right or wrong cancels."""
-    rng = np.random.default_rng(seed)
     d = a - b
-    means = d[rng.integers(0, len(d), (draws, len(d)))].mean(axis=1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def final_correct(wd: Path) -> np.ndarray | None:
-    """The last iteration's held-out outcomes (irm > 0) in id order, or None when not scored yet."""
-    t = 1
-    while (wd / f"iter-{t + 1}" / "heldout_scored.parquet").exists():
-        t += 1
-    h = wd / f"iter-{t}" / "heldout_scored.parquet"
-    if not h.exists():
-        return None
-    tab = pq.read_table(h, columns=["id", "irm"]).to_pydict()
-    order = np.argsort(np.asarray(tab["id"], dtype=object))
-    return (np.asarray(tab["irm"], float)[order] > 0).astype(float)
+    return (float(d.mean()), *bootstrap_ci(d, seed, draws))
 
 
 def kept_share(scores: np.ndarray, flipped: np.ndarray, k1: float) -> float:
@@ -441,6 +426,7 @@ def policy_rows(wd: Path) -> list[dict]:
             irm = np.asarray(tab["irm"], float)
             correct = (irm > 0).astype(float)
             row["heldout"], row["ci"], row["n_heldout"] = float(correct.mean()), bootstrap_ci(correct), len(irm)
+            row["correct_by_id"] = correct[np.argsort(np.asarray(tab["id"], dtype=object))]  # for paired tests
             if "score_chosen" in tab:
                 margin = np.asarray(tab["score_chosen"], float) - np.asarray(tab["score_rejected"], float)
                 clear = np.abs(margin) >= 2
@@ -454,6 +440,14 @@ def policy_rows(wd: Path) -> list[dict]:
 
 def f(v, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def paired_cell(final: dict[str, np.ndarray], m: str, base: str) -> str:
+    """Method m's held-out accuracy minus base's, with its paired interval, in points ("-" without a base)."""
+    if base == m or base not in final:
+        return "-"
+    d, lo, hi = paired_diff(final[m], final[base])
+    return f"{d * 100:+.1f} points [{lo * 100:+.1f}, {hi * 100:+.1f}]"
 
 
 def tables(scale: Scale, out: Path) -> str:
@@ -475,34 +469,26 @@ def tables(scale: Scale, out: Path) -> str:
                   "| method | iter | pairs trained | train loss first -> last | train reward acc | held-out acc "
                   "[95% CI] | acc, GPT-4 margin >= 2 | reward-length Spearman | stage time (s) |",
                   "|---|---|---|---|---|---|---|---|---|"]
+        final = {}  # method -> its last scored policy's held-out outcomes, for the paired table
         for m in METHODS:
             wd = group / m
             if not (wd / "run.json").exists():
                 continue
             for r in policy_rows(wd):
+                if "correct_by_id" in r:
+                    final[m] = r["correct_by_id"]
                 ci = r.get("ci")
                 acc = f"{f(r.get('heldout'), '.1%')} [{f(ci[0], '.1%')}, {f(ci[1], '.1%')}]" if ci else "-"
                 lines.append(f"| {m} | {r['t']} | {f(r.get('pairs'), 'd')} | {f(r.get('loss_first'), '.3f')} -> "
                              f"{f(r.get('loss_last'), '.3f')} | {f(r.get('train_acc'), '.0%')} | {acc} | "
                              f"{f(r.get('heldout_clear'), '.1%')} | {f(r.get('length_rho'), '+.3f')} | "
                              f"{f(r.get('seconds'), ',.0f')} |")
-        final = {m: final_correct(group / m) for m in METHODS if (group / m / "run.json").exists()}
-        final = {m: c for m, c in final.items() if c is not None}
         if len(final) > 1 and "dpo" in final:
             lines += ["", "### Paired: each final policy against one DPO iteration and iterative DPO, on the same "
                       "held-out pairs (difference in accuracy, 95% paired bootstrap interval)", "",
                       "| method | minus dpo | minus iterative-dpo |", "|---|---|---|"]
-            for m, c in final.items():
-                if m == "dpo":
-                    continue
-                cells = []
-                for base in ("dpo", "iterative-dpo"):
-                    if base == m or base not in final:
-                        cells.append("-")
-                        continue
-                    d, lo, hi = paired_diff(c, final[base])
-                    cells.append(f"{d * 100:+.1f} points [{lo * 100:+.1f}, {hi * 100:+.1f}]")
-                lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
+            lines += [f"| {m} | {paired_cell(final, m, 'dpo')} | {paired_cell(final, m, 'iterative-dpo')} |"
+                      for m in final if m != "dpo"]
         lines += ["", "### Selection: does the score find the flipped labels and agree with GPT-4?", "",
                   "| selector | scored at iter | AUROC, flipped vs clean | flips left in top k1 | Spearman with "
                   "GPT-4 margin | AUROC, GPT-4 margin >= 2 |", "|---|---|---|---|---|---|"]
