@@ -13,9 +13,12 @@ import sys
 from collections.abc import Callable
 
 import typer
+from typer.core import TyperCommand
 
 from sera_cli import __version__
-from sera_cli.errors import SeraError
+from sera_cli.checked_command import checked
+from sera_cli.errors import SeraError, first_line
+from sera_cli.help_style import with_config_example
 
 app = typer.Typer(
     name="sera",
@@ -29,7 +32,13 @@ app = typer.Typer(
 
 
 def guarded(fn: Callable) -> Callable:
-    """Map domain errors to one stderr line and exit code; Ctrl-C to exit 130 with a hint."""
+    """Map domain errors to one stderr line and exit code; a failed write (an `OSError` no stage turned into a
+    domain error) to one line naming the path and the cause; Ctrl-C to exit 130 with a hint that names
+    `--resume` only when the command has it."""
+    import inspect
+
+    resumable = "resume" in inspect.signature(fn).parameters
+    hint = "rerun with --resume to keep finished work" if resumable else "rerun the same command"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,9 +50,18 @@ def guarded(fn: Callable) -> Callable:
             if not getattr(err, "silent", False):  # another rank of a launch prints the one line
                 sys.stderr.write(f"error: {err}\n")
             raise typer.Exit(err.exit_code) from None
+        except OSError as err:
+            if os.environ.get("SERA_DEBUG") == "1":
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            sys.stderr.write(f"error: {where}{err.strerror or first_line(err)} (SERA_DEBUG=1 shows where)\n")
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            sys.stderr.write("interrupted: no output was written; rerun with --resume to keep finished work\n")
+            sys.stderr.write(f"interrupted: no output was written; {hint}\n")
             raise typer.Exit(130) from None
+        finally:
+            if "sera_cli.io" in sys.modules:  # (not imported by `sera --help`): the noted inputs were this command's
+                sys.modules["sera_cli.io"].forget_noted_inputs()
 
     return wrapper
 
@@ -79,6 +97,10 @@ from sera_cli.commands import (  # noqa: E402  (the app and `guarded` above are 
 COMMANDS = (convert, score, merge, select, mix, generate, train, run, report, inspect, sql, eval, export)
 for _command in COMMANDS:
     _command.register(app)
+for _info in app.registered_commands:  # every parsed number is finite and in range, or a usage error (numbers.py)
+    _info.cls = checked(_info.cls)
+for _info in app.registered_commands:  # --config's help example names the command's own options (help_style.py)
+    _info.cls = with_config_example(_info.cls or TyperCommand)
 
 
 def main() -> None:

@@ -11,13 +11,24 @@ from typing import Any
 
 import numpy as np
 
-from trainers.encode import Encoded, encode
+from trainers.encode import Encoded, TemplateError, encode
 
 
 def encode_rows(tok, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], max_length: int | None,
-                max_prompt_length: int | None) -> list[Encoded]:
-    """Encode each prompt with its responses (TRL conventions, see `trainers.encode`)."""
-    return [encode(tok, p, rs, max_length, max_prompt_length) for p, rs in zip(prompts, responses, strict=True)]
+                max_prompt_length: int | None, locate: Callable[[int], tuple[str, int]] | None = None) -> list[Encoded]:
+    """Encode each prompt with its responses (TRL conventions, see `trainers.encode`). A row the chat template
+    cannot format is a one-line error naming it (`locate(i)` gives its file and row); string prompts that carry
+    the BOS the tokenizer adds again get a one-line warning."""
+    from sera_cli.chat_templates import template_problem, warn_double_bos
+
+    out = []
+    for i, (p, rs) in enumerate(zip(prompts, responses, strict=True)):
+        try:
+            out.append(encode(tok, p, rs, max_length, max_prompt_length))
+        except TemplateError as err:
+            raise template_problem(err, *(locate(i) if locate else ("<table>", i))) from None
+    warn_double_bos(tok, [i for i, e in enumerate(out) if e.double_bos], locate)
+    return out
 
 
 PROMPT_WINDOW_TOKENS = 16384  # prompt tokens whose keys and values are held at once when prompts are shared

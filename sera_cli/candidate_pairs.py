@@ -72,6 +72,31 @@ def _is_string(table: pa.Table, name: str) -> bool:
     return pa.types.is_string(typ) or pa.types.is_large_string(typ)
 
 
+def _check_prompt_ids(inputs: Inputs, ids, prompts) -> None:
+    """Every `prompt_id` is set and names one prompt: a pair is built within a prompt_id, so an id shared by two
+    prompts would pair a response to one prompt with a response to another."""
+    import polars as pl
+
+    from sera_cli.errors import InputError
+
+    bad = ids.is_null() | (ids.is_nan() if ids.dtype.is_float() else False)
+    if bad.any():
+        first_bad = int(bad.arg_true()[0])
+        file, row = inputs.locate(first_bad)
+        raise InputError(file, f"is {'null' if ids[first_bad] is None else 'NaN'}", row=row, column="prompt_id",
+                         hint="give every candidate its prompt's id, or drop the column to group by prompt text")
+    frame = pl.DataFrame({"g": ids, "p": prompts}).with_row_index("_row")
+    first = frame.group_by("g", maintain_order=True).agg(pl.col("p").first().alias("p0"), pl.col("_row").first()
+                                                         .alias("r0"))
+    other = frame.join(first, on="g").filter(pl.col("p") != pl.col("p0")).sort("_row")
+    if other.height:
+        row, row0 = int(other["_row"][0]), int(other["r0"][0])
+        file, local = inputs.locate(row)
+        file0, local0 = inputs.locate(row0)
+        raise InputError(file, f"prompt_id {other['g'][0]!r} is also the id of {file0} row {local0}, another prompt",
+                         row=local, column="prompt_id", hint="give each prompt its own prompt_id")
+
+
 def build_pairs(inputs: Inputs) -> tuple[pa.Table, PairStats]:
     """The max-IRM pair of every prompt in a scored candidates table (columns prompt, response, reward and,
     optionally, prompt_id and the per-response log-probs)."""
@@ -81,6 +106,8 @@ def build_pairs(inputs: Inputs) -> tuple[pa.Table, PairStats]:
     group_col = "prompt_id" if "prompt_id" in table.column_names else "prompt"
     groups = pl.from_arrow(table.column(group_col)) if group_col == "prompt_id" else \
         text_key(table.column("prompt"))
+    if group_col == "prompt_id":
+        _check_prompt_ids(inputs, groups, text_key(table.column("prompt")))
     rewards = pc.cast(table.column("reward"), pa.float64()).to_numpy()
     chosen, rejected, too_few, equal = max_margin(groups, text_key(table.column("response")), rewards)
     tc, tr = table.take(chosen), table.take(rejected)

@@ -26,7 +26,7 @@ from sera_cli.console import Progress, console
 from sera_cli.errors import ConfigError
 from sera_cli.hashing import digest
 from sera_cli.io import STDIO, atomic_path
-from sera_cli.locking import alive, holder, pid_lock
+from sera_cli.locking import holder, holds, pid_lock
 
 SUFFIX = ".sera-partial"
 LOCK = "lock"
@@ -77,6 +77,14 @@ def shard_record(ids: list, chunk: int, shard: tuple[int, int]) -> dict[str, Any
     start, stop = shard_rows(len(ids), chunk, shard)
     return {"index": shard[0], "count": shard[1], "start": start, "stop": stop, "input_rows": len(ids),
             "input_ids": digest(ids)}
+
+
+def with_rows(shard: dict[str, Any], table) -> dict[str, Any]:
+    """A shard record with `rows`, the digest of the output's `id` column in order, so `sera merge` can check
+    that a shard's rows are still the ones written, in their order."""
+    if "id" not in table.column_names:
+        return shard
+    return {**shard, "rows": digest(table.column("id").to_pylist())}
 
 
 def token_digest(sequences: Iterable[Sequence[int]]) -> str:
@@ -204,7 +212,7 @@ def _remove_orphans(folder: Path) -> None:
         return
     for d in folder.iterdir():
         pid = holder(d / LOCK)
-        if d.is_dir() and not (pid and alive(pid)):
+        if d.is_dir() and not (pid and holds(d / LOCK, pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -21,6 +21,13 @@ class _Console(Console):
             hook.transient = True
         super().push_render_hook(hook)
 
+    def print(self, *objects, **kwargs) -> None:
+        """Lines of text are never wrapped in a log file or pipe (a terminal wraps them itself); tables and other
+        renderables keep the console's width."""
+        if "soft_wrap" not in kwargs and not self.is_terminal and all(isinstance(o, str) for o in objects):
+            kwargs["soft_wrap"] = True
+        super().print(*objects, **kwargs)
+
 
 console = _Console(stderr=True, highlight=False)
 
@@ -52,12 +59,21 @@ class Progress(RichProgress):
         self._last[task_id] = now
         task = self._tasks[task_id]
         done = f"{task.completed:,.0f}/{task.total:,.0f}" if task.total else f"{task.completed:,.0f}"
+        if task.fields.get("unit"):  # what the count counts (tokens, prompts, steps...): its rate is in the same unit
+            done += f" {task.fields['unit']}"
         pct = f" ({100 * task.completed / task.total:.0f}%)" if task.total else ""
         eta = f", about {task.time_remaining:,.0f} s left" if task.time_remaining else ""
-        extra = "  ".join(f"{k} {v}" for k, v in task.fields.items() if v not in ("", "-", None))
+        extra = "  ".join(f"{k} {v}" for k, v in task.fields.items() if k != "unit" and v not in ("", "-", None))
         sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {task.description}: {done}{pct}, "
                          f"{task.elapsed or 0:,.0f} s{eta}{'  ' + extra if extra else ''}\n")
         sys.stderr.flush()
 
     def advance(self, task_id, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
+
+    def stop(self) -> None:
+        """rich ends a bar with an empty line off a terminal; a log gets none."""
+        if self.disable or self.console.is_interactive or self.console.is_jupyter:
+            super().stop()
+        else:
+            self.live.stop()

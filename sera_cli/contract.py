@@ -115,6 +115,11 @@ def check_ids(inputs: Inputs, *, unique: bool = True) -> None:
     if pc.any(null).as_py():
         _fail(inputs, int(pc.index(null, True).as_py()), "id", "is null",
               hint="give every row an id, or drop the column and sera makes one from the content")
+    if pa.types.is_floating(col.type):  # NaN != NaN: two NaN ids would pass the uniqueness check below
+        nan = pc.fill_null(pc.is_nan(col), False)
+        if pc.any(nan).as_py():
+            _fail(inputs, int(pc.index(nan, True).as_py()), "id", "is NaN",
+                  hint="give every row an id, or drop the column and sera makes one from the content")
     if not unique:
         return
     counts = pc.value_counts(col)

@@ -127,11 +127,11 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     """Read every input, convert it to pairs, flip a fraction if asked, and write Parquet with provenance."""
     from sera_cli import provenance
     from sera_cli.contract import with_ids
-    from sera_cli.io import check_writable, expand, write_parquet
+    from sera_cli.io import check_writable, expand, inputs_of, write_parquet
     from sera_cli.raw_records import read_records
 
     config.check()
-    check_writable(config.output, config.inputs)
+    check_writable(config.output, inputs_of(config))
     tables, reports, formats = [], [], {}
     for path in expand(list(config.inputs)):
         records = read_records(path)

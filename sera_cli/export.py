@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from sera_cli import provenance
 from sera_cli.errors import InputError
-from sera_cli.io import check_writable, read_inputs, write_parquet
+from sera_cli.io import check_writable, inputs_of, read_inputs, write_parquet
 
 TRL_COLUMNS = {"logp_ref_chosen": "ref_chosen_logps", "logp_ref_rejected": "ref_rejected_logps"}
 KEPT = ("prompt", "chosen", "rejected", "id")
@@ -76,7 +76,7 @@ def to_trl(table: pa.Table, locate: Callable[[int], tuple[str, int]],
 def export(config: ExportConfig) -> ExportSummary:
     if config.target != "trl":
         raise InputError(config.target, "is not an export target", hint="the targets are: trl")
-    check_writable(config.output, config.inputs)
+    check_writable(config.output, inputs_of(config))
     inputs = read_inputs(list(config.inputs))
     table, dropped = to_trl(inputs.table, inputs.locate, config.drop_truncated)
     lengths = {(s.prov or {}).get("config", {}).get("max_length") for s in inputs.sources}

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sera_cli.column_values import floats, response_lengths
+from sera_cli.column_values import flags, floats, response_lengths
 from sera_cli.errors import ConfigError, InputError
+from sera_cli.numbers import config_problems
 from sera_cli.rankstats import auroc, quantiles, spearman
 
 
@@ -24,7 +25,7 @@ class InspectConfig:
     plot: str | None = None
 
     def check(self) -> None:
-        problems = []
+        problems = config_problems(self)
         if not 0.0 < self.k1 <= 1.0:
             problems.append(f"--k1 must be a fraction in (0, 1], got {self.k1}")
         if self.bins < 1:
@@ -126,19 +127,36 @@ def usable(name: str, table: pa.Table, score: str) -> tuple[pa.Table, int]:
     return kept, table.num_rows - kept.num_rows
 
 
+def precision_report(table: pa.Table, provs: list) -> dict[str, Any] | None:
+    """The precision check that scored these pairs (`sera score --precision-check`), found in their provenance,
+    with the share of these pairs whose |irm| lies under its noise floor; None when no check was recorded."""
+    from sera_cli.precision import find, under_floor
+
+    check = find(provs)  # type: ignore[arg-type]  (a list of provenances is searched in order)
+    if check is None:
+        return None
+    keys = ("dtype", "pairs", "sign_agreement", "median_abs_error", "noise_floor")
+    return {**{k: check.get(k) for k in keys}, "under_floor": _round(under_floor(floats(table, "irm"),
+                                                                                 check["noise_floor"]))}
+
+
 def inspect(config: InspectConfig) -> dict[str, Any]:
     """The report of one scored file (pairs or candidates); draws the plot when asked."""
     from sera_cli.contract import is_candidates
-    from sera_cli.io import check_writable, read_inputs
+    from sera_cli.io import check_writable, inputs_of, read_inputs
 
     config.check()
     if config.plot:
-        check_writable(config.plot, config.inputs)
+        check_writable(config.plot, inputs_of(config))
     inputs = read_inputs(list(config.inputs))
     candidates = is_candidates(inputs.table) and "irm" not in inputs.table.column_names
+    if not candidates and "flipped" in inputs.table.column_names:  # a null label is unknown, not clean
+        flags(inputs.table, "flipped", inputs.name, inputs.locate)
     table, missing = usable(inputs.name, inputs.table, "reward" if candidates else "irm")
     report = candidate_report(table, config.bins) if candidates else pair_report(table, config.k1, config.bins)
     report = {"file": inputs.name, **report, "missing": missing}
+    if not candidates:
+        report["precision"] = precision_report(table, [src.prov for src in inputs.sources])
     if config.plot:
         from sera_cli.plots import plot_report
 
@@ -195,5 +213,10 @@ def render(report: dict[str, Any]) -> list[str]:
         lines.append(f"external score margin: {m['agree']:,} agree, {m['disagree']:,} disagree, {m['tied']:,} tied; "
                      f"AUROC agree vs disagree {_num(m['auroc'])}, agree vs tied {_num(m['auroc_vs_ties'])}; "
                      f"Spearman {_num(m['spearman'])}")
+    p = report.get("precision")
+    if p:
+        lines.append(f"noise floor {p['noise_floor']:.4g} (precision check of {p['pairs']} pairs, {p['dtype']} vs "
+                     f"float32, sign agreement {_pct(p['sign_agreement'])}): {_pct(p['under_floor'])} of pairs have "
+                     "|irm| under it")
     lines.append(f"histogram of {score}:")
     return lines + histogram_lines(report["histogram"])

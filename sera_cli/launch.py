@@ -110,7 +110,7 @@ def ranked(stage: Callable[[C], Any], config: C, kind: str, w: World, gpus_per_r
     """Run `stage` on this rank's shard of `config`'s work, wait for every rank, and (rank 0) merge the parts
     into `config.output`. Every rank returns the job's summary; a failure anywhere raises on every rank."""
     from sera_cli.chunk_store import partial_dir
-    from sera_cli.io import STDIO, check_writable
+    from sera_cli.io import STDIO, check_writable, inputs_of
 
     if config.shard is not None:
         raise ConfigError(f"--shard {config.shard[0]}/{config.shard[1]} under a launcher of {w.size} processes: the "
@@ -118,7 +118,7 @@ def ranked(stage: Callable[[C], Any], config: C, kind: str, w: World, gpus_per_r
     if config.output == STDIO:
         raise ConfigError(f"{w.size} processes cannot share standard output: give -o FILE (rank 0 merges the "
                           "processes' parts into it)")
-    check_writable(config.output, config.inputs)
+    check_writable(config.output, inputs_of(config))
     narrow_gpus(w, gpus_per_rank)
     parts = partial_dir(config.output, "ranks")
     parts.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,13 @@ file, and through every parent of a derived file, never taken from the first fil
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from sera_cli import provenance
 from sera_cli.hashing import digest, file_digest
-from sera_cli.io import STDIO, Inputs
+from sera_cli.io import STDIO, Inputs, read_schema
 
 
 def entry(name: str, prov: dict[str, Any] | None, path: str | None = None) -> dict[str, Any]:
@@ -39,8 +36,8 @@ def of_file(path: str) -> dict[str, Any] | None:
     """A file as a parent entry (its provenance read from the Parquet footer only); None if it does not exist."""
     if not os.path.isfile(path):
         return None
-    raw = (pq.read_schema(path).metadata or {}).get(provenance.KEY) if path.endswith(".parquet") else None
-    return entry(path, json.loads(raw) if raw else None, path)
+    raw = (read_schema(path).metadata or {}).get(provenance.KEY) if path.endswith(".parquet") else None
+    return entry(path, provenance.parse(raw, path), path)
 
 
 def find(prov: dict[str, Any] | list | None, key: str) -> Any:

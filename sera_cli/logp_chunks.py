@@ -77,7 +77,8 @@ class ChunkedLogps:
         models = {role: self._load(roles[role]) for role in phase if missing[role]}
         total_tokens = sum(len(self.seqs[i][0]) for role in phase for c in todo[role] for i in self._chunk_seqs(c))
         with progress(self.config.progress) as bar:
-            task = bar.add_task(f"scoring ({' + '.join(phase)})", total=max(total_tokens, 1), rate="")
+            task = bar.add_task(f"log-probs of {self._models(phase)}", total=max(total_tokens, 1), rate="",
+                                unit="tokens")
             t0 = time.perf_counter()
             for c in sorted({c for role in phase for c in todo[role]}):
                 for role in phase:
@@ -89,6 +90,14 @@ class ChunkedLogps:
         gc.collect()
         for cache in caches.values():
             cache.close()
+
+    def _models(self, phase: list[str]) -> str:
+        """The models a progress line counts tokens for, as the user named them: "policy X + reference Y", or
+        "model X" for a reference-free pass (which `sera run` also uses for its reference log-probs)."""
+        if len(self.identities) == 1:
+            return f"model {self.config.policy}"
+        names = {"policy": f"policy {self.config.policy}", "ref": f"reference {self.config.ref}"}
+        return " + ".join(names.get(role, role) for role in phase)
 
     def _chunk(self, role, c, model, cache, keys, hits, bar, task, t0) -> None:
         from sera_cli.batched_logps import sequences_logps
@@ -110,8 +119,7 @@ class ChunkedLogps:
                 self.tokens += n_tok
                 self.sequences_done += n_seq
                 dt = max(time.perf_counter() - t0, 1e-9)
-                rows = self.sequences_done / self.per_row / dt
-                bar.update(task, advance=n_tok, rate=f"{rows:,.1f} rows/s {self.tokens / dt:,.0f} tok/s")
+                bar.update(task, advance=n_tok, rate=f"{self.tokens / dt:,.0f} tokens/s")
 
             lp, n = sequences_logps(model, [seqs[j] for j in need], tok_pad, self.config.batch_tokens, on_batch)
             logp[need], ntok[need] = lp, n

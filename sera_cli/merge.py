@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from sera_cli.errors import InputError, first_line
+from sera_cli.hashing import digest
 
 # Settings that say how or where a shard ran, not what it computed; models are compared by fingerprint and the
 # input by content, so their paths may differ between machines.
@@ -107,6 +108,17 @@ def check_coverage(order: list[str], provs: dict[str, dict[str, Any]]) -> None:
         raise InputError(order[-1], f"ends at input row {end} of {provs[order[-1]]['shard']['input_rows']}", hint=_HINT)
 
 
+def _check_row_order(path: str, table: pa.Table, shard: dict[str, Any]) -> None:
+    """A shard's rows are the ones it was written with, in their order: its `id` column against the digest its
+    provenance records (`chunk_store.with_rows`). A reordered shard would merge into a file whose rows are not in
+    the input's order, unlike an unsharded run's. Shards written before the digest was recorded are not checked."""
+    if "rows" not in shard or "id" not in table.column_names:
+        return
+    if digest(table.column("id").to_pylist()) != shard["rows"]:
+        raise InputError(path, f"rows are not those of shard {shard['index']}/{shard['count']} in their order "
+                               "(reordered, filtered or edited since it was written?)", hint="rerun that shard")
+
+
 def _recorded_rows(prov: dict[str, Any]) -> int | None:
     """The rows the provenance says the file holds (`rows` of score, `responses` of generate)."""
     return prov.get("rows", prov.get("responses"))
@@ -151,6 +163,7 @@ def merged(paths: list[str], settings: dict[str, Any] | None = None) -> tuple[pa
         if (want := _recorded_rows(parents[path])) is not None and table.num_rows != want:
             raise InputError(path, f"has {table.num_rows:,} rows where its provenance records {want:,}",
                              hint="was it changed after it was written? rerun that shard")
+        _check_row_order(path, table, parents[path]["shard"])
         tables.append(table.replace_schema_metadata(None))
     try:
         table = pa.concat_tables(tables)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from sera_cli.errors import ConfigError, InputError, first_line
+from sera_cli.numbers import config_problems
 from sera_cli.select import fraction_count, top_mask
 
 KEY = ("prompt", "chosen", "rejected")
@@ -31,7 +32,7 @@ class MixConfig:
 
     def check(self) -> None:
         """Every problem with the settings at once, as one ConfigError."""
-        problems = []
+        problems = config_problems(self)
         if self.k1 < 0 or self.k2 < 0:
             problems.append(f"--k1 and --k2 must be >= 0, got {self.k1} and {self.k2}")
         if self.k1 + self.k2 <= 0:
@@ -188,10 +189,10 @@ def assemble(tables: list[pa.Table], rows: list[np.ndarray], sources: list[str],
 def mix(config: MixConfig) -> MixSummary:
     """Read the offline and generated pairs, choose, shuffle, write with provenance."""
     from sera_cli import lineage, provenance
-    from sera_cli.io import check_writable, write_parquet
+    from sera_cli.io import check_writable, inputs_of, write_parquet
 
     config.check()
-    check_writable(config.output, (config.offline, config.generated))
+    check_writable(config.output, inputs_of(config))
     off, off_kind, off_scores = _load(config.offline)
     off_parents = lineage.parents(off)
     n = config.n or lineage.find(off_parents, "source_rows")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sera_cli.errors import ModelError, first_line
+from sera_cli.errors import ConfigError, ModelError, first_line
 from sera_cli.hashing import digest, file_digest, tree_digest
 from sera_cli.hub import is_hub_id, snapshot
 
@@ -37,10 +38,20 @@ class ModelRef:
 
 
 def cache_dir() -> Path:
-    """sera's cache folder: $SERA_CACHE_DIR, else $XDG_CACHE_HOME/sera, else ~/.cache/sera."""
+    """sera's cache folder: $SERA_CACHE_DIR, else $XDG_CACHE_HOME/sera, else ~/.cache/sera. A path that exists
+    and is not a folder is refused in one line naming the variable (not blamed on what is cached in it)."""
     if env := os.environ.get("SERA_CACHE_DIR"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sera"
+        folder, source = Path(env), "SERA_CACHE_DIR"
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sera"
+        source = "XDG_CACHE_HOME" if "XDG_CACHE_HOME" in os.environ else "the default cache folder"
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"sera's cache folder {folder} (from {source}) cannot be used: {part} is a file, "
+                                  "not a folder; point SERA_CACHE_DIR at a folder")
+            break
+    return folder
 
 
 def default_gguf() -> Path:
@@ -56,15 +67,16 @@ def default_gguf() -> Path:
     return Path(dist.locate_file(files[0]))
 
 
-def resolve(spec: str) -> ModelRef:
-    """What `--policy`/`--ref` name, as a loadable folder with a fingerprint."""
+def resolve(spec: str, _chain: tuple[str, ...] = ()) -> ModelRef:
+    """What `--policy`/`--ref` name, as a loadable folder with a fingerprint. `_chain`: the adapter folders
+    whose base this is (a base that leads back to one of them is refused, as is a chain over 8 deep)."""
     if spec == DEFAULT_MODEL:
         gguf = default_gguf()
         folder = gguf_folder(gguf)
         return ModelRef(spec, str(folder), fingerprint_folder(folder), "default")
     path = Path(spec)
     if is_hub_id(spec):
-        return _resolve_folder(spec, snapshot(spec))
+        return _resolve_folder(spec, snapshot(spec), _chain)
     if not path.exists():
         raise ModelError(f"{spec}: no such model folder or file (give a Hugging Face folder or Hub id, a .gguf "
                          f"file, a PEFT adapter folder or '{DEFAULT_MODEL}')")
@@ -73,16 +85,38 @@ def resolve(spec: str) -> ModelRef:
             raise ModelError(f"{spec}: a model file must be .gguf; otherwise give the model's folder")
         folder = gguf_folder(path)
         return ModelRef(spec, str(folder), fingerprint_folder(folder), "gguf")
-    return _resolve_folder(spec, path)
+    return _resolve_folder(spec, path, _chain)
 
 
-def _resolve_folder(spec: str, path: Path) -> ModelRef:
+def _adapter_base(spec: str, config: Path) -> str:
+    """The base model an adapter_config.json names; a file that is not a JSON object naming one is an error."""
+    try:
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModelError(f"{spec}: adapter_config.json cannot be read as JSON ({type(err).__name__}); is the "
+                         "adapter folder complete?") from None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise ModelError(f"{spec}: adapter_config.json names no base_model_name_or_path (a model folder or Hub id)")
+    return base
+
+
+def _resolve_folder(spec: str, path: Path, chain: tuple[str, ...] = ()) -> ModelRef:
     """A Hugging Face model folder or a PEFT adapter folder (its base resolved in turn)."""
     if (path / "adapter_config.json").exists():
-        base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_spec:
-            raise ModelError(f"{spec}: adapter_config.json names no base_model_name_or_path")
-        base = resolve(base_spec)
+        base_spec = _adapter_base(spec, path / "adapter_config.json")
+        here = str(path.resolve())
+        base_path = Path(base_spec).resolve() if Path(base_spec).exists() else None
+        if here in chain or (base_path is not None and str(base_path) in (*chain, here)):
+            raise ModelError(f"{spec}: adapter_config.json names as its base model {base_spec!r}, which leads back "
+                             "to this adapter; give the base model's folder or Hub id")
+        if len(chain) >= 8:
+            raise ModelError(f"{spec}: a chain of more than 8 adapters, each the base of the next; give the base "
+                             "model's folder or Hub id")
+        base = resolve(base_spec, (*chain, here))
+        if base.adapter:
+            raise ModelError(f"{spec}: its base model {base_spec!r} is itself an adapter; merge it first "
+                             "(adapters on adapters are not loaded)")
         adapter_fp = tree_digest(path, (".safetensors", ".bin", "adapter_config.json"))
         return ModelRef(spec, base.path, digest([base.fingerprint, adapter_fp]), "peft", adapter=str(path))
     if not (path / "config.json").exists():
@@ -91,8 +125,10 @@ def _resolve_folder(spec: str, path: Path) -> ModelRef:
 
 
 def fingerprint_folder(folder: str | os.PathLike) -> str:
-    """Content hash of a model folder's weights and config."""
-    return tree_digest(folder, _WEIGHT_SUFFIXES)
+    """Content hash of a model folder's weights and config (each file read once, `sera_cli.fingerprints`)."""
+    from sera_cli.fingerprints import folder_digest
+
+    return folder_digest(folder, _WEIGHT_SUFFIXES)
 
 
 def gguf_folder(gguf: Path) -> Path:
@@ -135,7 +171,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.generation_config = quantized.generation_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process converting the same file won the race:
+                raise                                    # its complete folder (same key, same bytes) is kept
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -191,9 +231,25 @@ def model_context(ref: ModelRef, trust_remote_code: bool = False) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def check_context(refs: list[ModelRef], lengths: list[int], locate, trust_remote_code: bool = False) -> None:
+def check_context(refs: list[ModelRef], lengths: list[int], locate, trust_remote_code: bool = False,
+                  max_ids: list[int] | None = None) -> None:
     """Every row's longest sequence (`lengths[i]` tokens) fits each model's context; else a one-line error naming
-    the first row that does not (`locate(i)` gives its file and row) and the --max-length that fits."""
+    the first row that does not (`locate(i)` gives its file and row) and the --max-length that fits. With
+    `max_ids` (each row's largest token id), every token has an embedding too (ids < config vocab_size): a
+    config whose vocab_size is smaller than its tokenizer's fails here, before any work, not mid-run."""
+    if max_ids is not None:
+        for ref in refs:
+            cfg = load_config(ref, trust_remote_code)
+            vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
+            over = [i for i, n in enumerate(max_ids) if isinstance(vocab, int) and n >= vocab]
+            if over:
+                from sera_cli.errors import InputError
+
+                file, row = locate(over[0])
+                raise InputError(file, f"token id {max_ids[over[0]]:,} of its text has no embedding in {ref.spec} "
+                                       f"(vocab_size {vocab:,} in its config.json)", row=row,
+                                 hint="the model's config and tokenizer do not match: fix vocab_size or use the "
+                                      "model's own tokenizer")
     for ref in refs:
         context = model_context(ref, trust_remote_code)
         over = [i for i, n in enumerate(lengths) if context is not None and n > context]
@@ -206,7 +262,10 @@ def check_context(refs: list[ModelRef], lengths: list[int], locate, trust_remote
                              hint=f"pass --max-length {context} or less")
 
 
-def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False, own_template: bool = False):
+    """The model's tokenizer, with this run's `--chat-template` unless `own_template` (a judge). A tokenizer
+    without a pad token pads with EOS in memory only: `pad_from_eos(tok)` says so, and a saved tokenizer keeps
+    no pad token (`save_tokenizer`)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -217,9 +276,35 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
         raise ModelError(_load_problem(ref, "its tokenizer", err)) from None
     if tok.eos_token is None:
         raise ModelError(f"{ref.spec}: tokenizer has no EOS token, which responses end with")
+    if not own_template:
+        from sera_cli.chat_templates import apply_override
+
+        apply_override(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+        _PAD_FROM_EOS.add(tok)
     return tok
+
+
+_PAD_FROM_EOS: weakref.WeakSet = weakref.WeakSet()  # loaded tokenizers whose pad token is their EOS
+
+
+def pad_from_eos(tok) -> bool:
+    return tok in _PAD_FROM_EOS
+
+
+def save_tokenizer(tok, folder) -> None:
+    """`tok.save_pretrained(folder)` without the in-memory pad token of a tokenizer that had none (a later
+    fine-tune that masks pad labels would otherwise mask the end-of-turn token too)."""
+    if not pad_from_eos(tok):
+        tok.save_pretrained(folder)
+        return
+    pad = tok.pad_token
+    tok.pad_token = None
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        tok.pad_token = pad
 
 
 def _quiet_gguf_bar() -> None:
@@ -258,7 +343,10 @@ def load_model(ref: ModelRef, dtype: str = "auto", device: str = "auto", trust_r
     if ref.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, ref.adapter, is_trainable=train)
+        try:
+            model = PeftModel.from_pretrained(model, ref.adapter, is_trainable=train)
+        except Exception as err:  # a malformed adapter: config keys, weights or shapes that do not fit
+            raise ModelError(_load_problem(ref, "the adapter", err)) from None
         if not train:
             model = model.merge_and_unload()
     model.to(dev)
@@ -277,6 +365,19 @@ def tokenizer_fingerprint(tok) -> str:
 
 def chat_template_hash(tok) -> str | None:
     return digest(tok.chat_template)[:16] if tok.chat_template else None
+
+
+def check_same_vocab(policy: ModelRef, ref: ModelRef, trust_remote_code: bool = False) -> None:
+    """Policy and reference have output layers of one size (same tokenizer, differently padded embeddings would
+    compare log-probs over different vocabularies); read from their configs, before any weights load."""
+    sizes = []
+    for r in (policy, ref):
+        cfg = load_config(r, trust_remote_code)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        sizes.append(getattr(cfg, "vocab_size", None))
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise ModelError(f"the vocabularies of {policy.spec} ({sizes[0]:,} entries) and {ref.spec} ({sizes[1]:,}) "
+                         "differ; implicit rewards need one vocabulary: use a reference from the same family")
 
 
 def check_same_tokenizer(policy_tok, ref_tok, policy: str, ref: str) -> None:

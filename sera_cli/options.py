@@ -10,25 +10,22 @@ from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH  # noqa: F401  (the le
 
 InputsArg = Annotated[list[str], typer.Argument(
     help="Parquet file(s) or globs, .arrow files, datasets save_to_disk folders or Hub dataset names (org/name: "
-         "the train split unless --split); '-' reads Parquet from stdin.", show_default=False, metavar="FILE")]
-InputArg = Annotated[str, typer.Argument(help="A Parquet file; '-' reads it from stdin.", show_default=False,
-                                         metavar="FILE")]
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; '-' writes to stdout.",
-                                        metavar="FILE")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", metavar="INT")]
-BetaOpt = Annotated[float, typer.Option("--beta", help="Implicit-reward scale beta (paper Eq. 5).", min=0.0,
-                                        metavar="FLOAT")]
+         "the train split unless --split); '-' reads Parquet from stdin.", show_default=False)]
+InputArg = Annotated[str, typer.Argument(help="A Parquet file; '-' reads it from stdin.", show_default=False)]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; without -o (or with '-') the "
+                                        "Parquet goes to stdout, for a pipe or a redirect.", show_default=False)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed, 0 to 2^53.")]
+BetaOpt = Annotated[float, typer.Option("--beta", help="Implicit-reward scale beta (paper Eq. 5).", min=0.0)]
 PolicyOpt = Annotated[str, typer.Option(
     "--policy", help="Policy: HF folder or Hub id (org/name[@revision], cache first), .gguf file, PEFT adapter "
-                     "folder, or 'smollm2-135m' (embedded).", metavar="MODEL")]
+                     "folder, or 'smollm2-135m' (embedded).")]
 RefOpt = Annotated[str | None, typer.Option(
     "--ref", help="Reference model (same forms as --policy). Required for DPO rewards; never defaults to "
-                  "the policy.", metavar="MODEL")]
+                  "the policy.")]
 RevisionOpt = Annotated[str | None, typer.Option(
-    "--revision", help="Hub revision (branch, tag or commit) of --policy: the same as --policy org/name@REV.",
-    metavar="REV")]
+    "--revision", help="Hub revision (branch, tag or commit) of --policy: the same as --policy org/name@REV.")]
 RefRevisionOpt = Annotated[str | None, typer.Option(
-    "--ref-revision", help="Hub revision of --ref: the same as --ref org/name@REV.", metavar="REV")]
+    "--ref-revision", help="Hub revision of --ref: the same as --ref org/name@REV.")]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,42 +50,41 @@ check_dtype = choice("--dtype", DTYPES, DTYPE_ALIASES)
 check_device = choice("--device", DEVICES)
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16 (bf16, fp16, fp32).",
-    callback=check_dtype, metavar="DTYPE")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", callback=check_device,
-                                        metavar="DEVICE")]
+    callback=check_dtype)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", callback=check_device)]
 MaxLengthOpt = Annotated[int, typer.Option(
-    "--max-length", help="Most tokens of prompt+response; responses are cut from the right.", min=2, metavar="INT")]
+    "--max-length", help="Most tokens of prompt+response; responses are cut from the right.", min=2)]
 MaxPromptLengthOpt = Annotated[int, typer.Option(
-    "--max-prompt-length", help="Most prompt tokens when a row does not fit; cut from the left.", min=1,
-    metavar="INT")]
+    "--max-prompt-length", help="Most prompt tokens when a row does not fit; cut from the left.", min=1)]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow model code from the model folder to run.")]
+ChatTemplateOpt = Annotated[str | None, typer.Option(
+    "--chat-template", help="Chat template for message rows: a Jinja file, or a model folder to take it from "
+                            "(default: the tokenizer's own).")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Keep the finished chunks of an interrupted run with the same inputs and settings.")]
 ShardOpt = Annotated[str | None, typer.Option(
-    "--shard", help="i/n: process only the i-th of n disjoint slices (0-based), e.g. 0/4.", metavar="I/N")]
+    "--shard", help="i/n: process only the i-th of n disjoint slices (0-based), e.g. 0/4.")]
 CacheOpt = Annotated[str | None, typer.Option(
-    "--cache", help="Log-prob cache folder: rows already scored by the same model cost nothing.", metavar="DIR")]
+    "--cache", help="Log-prob cache folder: rows already scored by the same model cost nothing.")]
 RayOpt = Annotated[bool, typer.Option(
     "--ray", help="Run the chunks on an actor pool of this machine's Ray (the one 'ray start' made, else a new "
                   "one); needs pip install 'sera\\[ray]'.")]
 RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="Run the chunks on the Ray cluster at ADDR: 'auto' (the cluster this machine joined), "
-                          "or host:port.", metavar="ADDR")]
+                          "or host:port.")]
 RayActorsOpt = Annotated[int | None, typer.Option(
-    "--ray-actors", help="Actors with --ray or --ray-address (default: one per GPU of the cluster, else 2).", min=1,
-    metavar="N")]
+    "--ray-actors", help="Actors with --ray or --ray-address (default: one per GPU of the cluster, else 2).", min=1)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for machines).")]
 K1Opt = Annotated[float, typer.Option(
-    "--k1", help="Fraction of the offline set kept by IRM (paper section 3.2).", min=0.0, metavar="FLOAT")]
+    "--k1", help="Fraction of the offline set kept by IRM (paper section 3.2).", min=0.0)]
 K2Opt = Annotated[float, typer.Option(
     "--k2", help="Fraction (of the offline set size N) of generated pairs kept by IRM (paper section 3.3).",
-    min=0.0, metavar="FLOAT")]
+    min=0.0)]
 SplitOpt = Annotated[str | None, typer.Option(
-    "--split", help="The split of a Hub dataset input (default train); slices work, e.g. 'train[:1000]'.",
-    metavar="SPLIT")]
+    "--split", help="The split of a Hub dataset input (default train); slices work, e.g. 'train[:1000]'.")]
 SubsetOpt = Annotated[str | None, typer.Option(
-    "--subset", help="The subset (config name) of a Hub dataset input.", metavar="NAME")]
+    "--subset", help="The subset (config name) of a Hub dataset input.")]
 
 
 def read_config(ctx: typer.Context, value: str | None) -> str | None:
@@ -99,6 +95,9 @@ def read_config(ctx: typer.Context, value: str | None) -> str | None:
     import tomllib
     from pathlib import Path
 
+    from sera_cli.io import note_input
+
+    note_input(value)  # an input of the command: no output may replace it
     try:
         raw = tomllib.loads(Path(value).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -116,8 +115,8 @@ def read_config(ctx: typer.Context, value: str | None) -> str | None:
 
 
 ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", help="TOML file of option values (e.g. beta = 0.2, max-length = 512); flags override it.",
-    callback=read_config, is_eager=True, metavar="FILE")]
+    "--config", help="TOML file of option values; flags override it (each command's help gives an example).",
+    callback=read_config, is_eager=True)]
 
 IO, MODELS, REWARD, PERFORMANCE, RESUME = "Input/output", "Models", "Reward", "Performance", "Resume & sharding"
 

@@ -32,11 +32,29 @@ def record(stage: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"stage": stage, "command": sys.argv, "config": config, "versions": versions(), **extra}
 
 
-def read(table: pa.Table) -> dict[str, Any] | None:
+def read(table: pa.Table, name: str = "the table") -> dict[str, Any] | None:
     """The provenance stored on a table, or None for a table sera did not write."""
     meta = table.schema.metadata or {}
-    raw = meta.get(KEY)
-    return json.loads(raw) if raw else None
+    return parse(meta.get(KEY), name)
+
+
+def parse(raw: bytes | None, name: str) -> dict[str, Any] | None:
+    """Provenance from the bytes stored under `sera` (None: none stored); an InputError naming `name` when they
+    are not a JSON object (damaged, or written by another tool under the same key)."""
+    from sera_cli.errors import InputError
+
+    if not raw:
+        return None
+    hint = "the file was damaged or not written by sera: rewrite it without the 'sera' metadata key"
+    try:
+        prov = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # not UTF-8 or not JSON, or nested too deep
+        raise InputError(name, f"its 'sera' provenance metadata is not JSON ({type(err).__name__})",
+                         hint=hint) from None
+    if not isinstance(prov, dict):
+        raise InputError(name, f"its 'sera' provenance metadata is a JSON {type(prov).__name__}, not an object",
+                         hint=hint)
+    return prov
 
 
 def attach(table: pa.Table, prov: dict[str, Any]) -> pa.Table:

@@ -178,7 +178,7 @@ class RayCluster:
         """`score.score_table` on the cluster: (the scored table with provenance, its summary). Chunks are saved in
         `store` (without one, the output's score chunk store, emptied once the table is scored)."""
         from sera_cli import lineage, provenance
-        from sera_cli.chunk_store import ChunkStore, chunk_key
+        from sera_cli.chunk_store import ChunkStore, chunk_key, with_rows
         from sera_cli.score import ScoreSummary, score_table
 
         if store is None:
@@ -222,7 +222,7 @@ class RayCluster:
         prov = provenance.record(  # as score_table records it, and the cluster
             "score", {k: v for k, v in config.as_dict().items() if k != "progress"},
             logps=provs[0].get("logps"), models=provs[0].get("models"), rows=out.num_rows, truncated=truncated,
-            **({"shard": shard} if shard else {}),
+            **({"shard": with_rows(shard, out)} if shard else {}),
             parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p],
             ray=self.record())
         per_row = (1 if "response" in table.column_names else 2) * (1 if config.reward == "simpo" else 2)
@@ -239,7 +239,8 @@ class ScoreActor:
         self.name = _actor_name()
         self.folder = tempfile.TemporaryDirectory(prefix="sera-ray-")  # its own throwaway chunk store
         self.config = replace(config, output=os.path.join(self.folder.name, "chunk.parquet"), resume=False,
-                              shard=None, progress=False, ray_address=None)
+                              shard=None, progress=False, ray_address=None,
+                              precision_check=0)  # per chunk it would rescore each chunk's pairs
         self.models: dict[str, Any] | None = None if config.low_memory else {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:

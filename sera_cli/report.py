@@ -47,6 +47,8 @@ class Iteration:
     eval_lc_win_rate: float | None = None
     eval_grade: float | None = None
     seconds: float | None = None
+    ensemble_seconds: float | None = None  # t >= 3: rewarding the candidates with (pi_{t-2}, pi_{t-3}) (Eq. 7)
+    ensemble_memory: float | None = None  # the process's peak memory (MiB) after that stage
     losses: list[float] = field(default_factory=list)
 
 
@@ -72,6 +74,8 @@ ROWS = [  # (label, attribute, format)
     ("judge win rate vs pi_0", "eval_win_rate", ".1%"),
     ("judge LC win rate vs pi_0 (length-controlled)", "eval_lc_win_rate", ".1%"),
     ("judge mean grade (1-10)", "eval_grade", ".2f"), ("stage time (s)", "seconds", ".0f"),
+    ("ensemble of candidates: time (s)", "ensemble_seconds", ".0f"),
+    ("ensemble of candidates: peak memory (MiB)", "ensemble_memory", ".0f"),
 ]
 
 
@@ -99,6 +103,13 @@ def collect(workdir: str | Path) -> RunReport:
     return RunReport(Path(workdir).name or str(workdir), Path(workdir), config, iters, irm)
 
 
+def _flipped(columns: dict[str, list], path: Path) -> np.ndarray:
+    """The `flipped` labels of a scored file; a null or NaN label is an error naming its row, not a clean pair."""
+    from sera_cli.column_values import flags
+
+    return flags(pa.table({"flipped": columns["flipped"]}), "flipped", str(path))
+
+
 def _rows(path: Path) -> int | None:
     return pq.read_metadata(path).num_rows if path.exists() else None
 
@@ -116,12 +127,12 @@ def _iteration(lay: Layout, t: int, ledger: dict, config: dict) -> tuple[Iterati
         it.irm_mean, it.irm_std, it.irm_positive = float(v.mean()), float(v.std()), float((v > 0).mean())
         irm = {"all": v}
         if "flipped" in scored:
-            flipped = np.asarray(scored["flipped"], bool)
+            flipped = _flipped(scored, lay.scored(t))
             it.flip_auroc = auroc(-v, flipped)
             irm = {"clean": v[~flipped], "flipped": v[flipped]}
             if lay.selected(t).exists() and flipped.any():
-                sel = pq.read_table(lay.selected(t), columns=["flipped"]).column("flipped").to_pylist()
-                it.flips_kept = sum(sel) / int(flipped.sum())
+                sel = _flipped(pq.read_table(lay.selected(t), columns=["flipped"]).to_pydict(), lay.selected(t))
+                it.flips_kept = int(sel.sum()) / int(flipped.sum())
     it.losses, it.train_loss, it.train_accuracy = _metrics(lay.metrics(t))
     if lay.heldout_scored(t).exists():
         h = pq.read_table(lay.heldout_scored(t)).to_pydict()
@@ -129,7 +140,7 @@ def _iteration(lay: Layout, t: int, ledger: dict, config: dict) -> tuple[Iterati
         it.heldout_accuracy = float((v > 0).mean())
         it.length_corr = spearman(v, np.asarray(h["ntok_chosen"], float) - np.asarray(h["ntok_rejected"], float))
         if "flipped" in h:
-            flipped = np.asarray(h["flipped"], bool)
+            flipped = _flipped(h, lay.heldout_scored(t))
             it.heldout_accuracy_true = float(((v > 0) != flipped).mean())
             it.heldout_flip_auroc = auroc(-v, flipped)
     if lay.eval_summary(t).exists():
@@ -138,6 +149,10 @@ def _iteration(lay: Layout, t: int, ledger: dict, config: dict) -> tuple[Iterati
     secs = [rec.get("seconds", 0.0) for key, rec in ledger.get("stages", {}).items()
             if key.startswith(f"iter-{t}/")]
     it.seconds = float(sum(secs)) if secs else None
+    prev = ledger.get("stages", {}).get(f"iter-{t}/reward-prev")
+    if prev:
+        it.ensemble_seconds = prev.get("seconds")
+        it.ensemble_memory = (prev.get("summary") or {}).get("peak_memory_mib")
     return it, irm
 
 
@@ -243,7 +258,15 @@ def write(workdirs: list[str], output_dir: str | None = None) -> ReportFiles:
     png, md = out / "report.png", out / "report.md"
     for path in (png, md):
         check_writable(str(path), [r.workdir / "run.json" for r in reports])
-    figure(reports, png)
-    with atomic_path(md) as tmp:
-        tmp.write_text(markdown(reports, png.name))
+    made = not out.exists()
+    try:
+        figure(reports, png)
+        with atomic_path(md) as tmp:
+            tmp.write_text(markdown(reports, png.name))
+    except BaseException:
+        if made:  # a failed report leaves no folder of its own behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return ReportFiles(md, png, reports)

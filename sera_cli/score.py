@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 
 from sera_cli import provenance
-from sera_cli.chunk_store import ChunkStore, shard_record, shard_rows
+from sera_cli.chunk_store import ChunkStore, shard_record, shard_rows, with_rows
 from sera_cli.console import console
 from sera_cli.contract import check_candidates, check_pairs, is_candidates, with_ids
 from sera_cli.errors import InputError, SeraError
-from sera_cli.io import STDIO, Inputs, check_writable, read_inputs, read_parquet, write_parquet
+from sera_cli.io import STDIO, Inputs, check_writable, inputs_of, read_inputs, read_parquet, write_parquet
 from sera_cli.logp_chunks import ChunkedLogps
 from sera_cli.rewards import averaged_reward, dpo_reward, ensemble_margin, reward_margin, simpo_reward
 from sera_cli.score_config import ScoreConfig
@@ -41,12 +41,18 @@ class ScoreSummary:
     seconds: float
     output: str
     stale: int = 0  # saved chunks not resumed: made by other weights or from other text
+    precision: dict[str, Any] | None = None  # the precision check's figures (`sera_cli.precision`), if it ran
 
     def line(self) -> str:
         rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.computed and self.seconds > 0 else ""
         stale = f", {self.stale:,} stale chunks recomputed" if self.stale else ""
-        return (f"scored {self.rows:,} rows ({self.computed:,} sequences computed, {self.cached:,} from cache, "
+        line = (f"scored {self.rows:,} rows ({self.computed:,} sequences computed, {self.cached:,} from cache, "
                 f"{self.resumed:,} resumed{stale}{rate}); {self.truncated:,} truncated -> {self.output}")
+        if self.precision:
+            from sera_cli.precision import summary
+
+            line += "\n" + summary(self.precision)
+        return line
 
 
 def score(config: ScoreConfig) -> ScoreSummary:
@@ -80,7 +86,7 @@ def prepared(config: ScoreConfig) -> tuple[Inputs, pa.Table, int, dict[str, Any]
     inputs = read_inputs(list(config.inputs))
     candidates = is_candidates(inputs.table)
     check_candidates(inputs) if candidates else check_pairs(inputs)
-    check_writable(config.output, (*config.inputs, config.prev))
+    check_writable(config.output, inputs_of(config))
     _check_cache_folder(config.cache)
     start, stop = shard_rows(inputs.table.num_rows, config.chunk_rows, config.shard)
     full = with_ids(inputs.table)
@@ -107,8 +113,16 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
             return scored
     from sera_cli import lineage
     from sera_cli.batched_logps import encode_rows, flat_sequences
+    from sera_cli.chat_templates import FOLDED, folded_rows
     from sera_cli.logp_identity import logp_identity
-    from sera_cli.models import check_context, check_same_tokenizer, load_tokenizer, resolve, resolved_dtype
+    from sera_cli.models import (
+        check_context,
+        check_same_tokenizer,
+        check_same_vocab,
+        load_tokenizer,
+        resolve,
+        resolved_dtype,
+    )
 
     t0 = time.perf_counter()
     config.check()
@@ -120,16 +134,20 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
     toks = {role: load_tokenizer(ref, config.trust_remote_code) for role, ref in roles.items()}
     if "ref" in toks:
         check_same_tokenizer(toks["policy"], toks["ref"], config.policy, config.ref)
+        check_same_vocab(roles["policy"], roles["ref"], config.trust_remote_code)
     tok = toks["policy"]
-    prev = _read_prev(config, table) if config.prev else None
+    prev = _read_prev(config, table, "reward" if candidates else "irm") if config.prev else None
 
     prompts = table.column("prompt").to_pylist()
     responses = ([[r] for r in table.column("response").to_pylist()] if candidates else
                  list(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist(), strict=True)))
     with console.status(f"Tokenizing {len(prompts):,} rows"):
-        enc = encode_rows(tok, prompts, responses, config.max_length, config.max_prompt_length)
+        enc = encode_rows(tok, prompts, responses, config.max_length, config.max_prompt_length,
+                          lambda i: inputs.locate(i + row_offset) if inputs else (name, i))
+    folded = folded_rows(enc)
     check_context(list(roles.values()), [max(len(e.sequence(i)) for i in range(len(e.responses))) for e in enc],
-                  lambda i: inputs.locate(i + row_offset) if inputs else (name, i), config.trust_remote_code)
+                  lambda i: inputs.locate(i + row_offset) if inputs else (name, i), config.trust_remote_code,
+                  max_ids=[max(max(e.sequence(i), default=0) for i in range(len(e.responses))) for e in enc])
     seqs = flat_sequences(enc)
     per_row = 1 if candidates else 2
     dtype = resolved_dtype(config.dtype, config.device)  # 'auto' is recorded as what it stands for
@@ -140,11 +158,17 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
 
     cols = _columns(results, per_row, config, enc)
     _check_finite(cols, name, inputs, row_offset)
-    if prev is not None:
-        prev = np.where(np.isnan(prev), cols["irm"], prev)  # --prev-missing current
-        cols["irm_now"] = cols["irm"]
-        cols["irm_prev"] = prev
-        cols["irm"] = ensemble_margin(prev, cols["irm_now"], config.ensemble_lambda)
+    check = None
+    if (n_check := config.precision_pairs(dtype)) and table.num_rows:
+        from sera_cli.precision import precision_check
+
+        check = precision_check(config, roles, toks, seqs, cols, table, n_check, dtype)
+    if prev is not None:  # pairs: the IRM, candidates: the reward (the max-min pairing then ranks by it, Eq. 7)
+        col = "reward" if candidates else "irm"
+        prev = np.where(np.isnan(prev), cols[col], prev)  # --prev-missing current
+        cols[f"{col}_now"] = cols[col]
+        cols[f"{col}_prev"] = prev
+        cols[col] = ensemble_margin(prev, cols[f"{col}_now"], config.ensemble_lambda)
     out = table
     for col, values in cols.items():
         if col in out.column_names:
@@ -154,11 +178,14 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
         "score", {k: v for k, v in config.as_dict().items() if k != "progress"},
         logps={role: identities.get(role) for role in ("policy", "ref")},
         models={role: ref.identity() for role, ref in roles.items()},
-        rows=out.num_rows, truncated=int(cols["truncated"].sum()), **({"shard": shard} if shard else {}),
+        rows=out.num_rows, truncated=int(cols["truncated"].sum()),
+        **({"shard": with_rows(shard, out)} if shard else {}),
+        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}),
+        **({"precision": check} if check else {}),
         parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p])
     seconds = time.perf_counter() - t0
     summary = ScoreSummary(out.num_rows, int(cols["truncated"].sum()), len(seqs) * len(roles), work.computed,
-                           work.cached, work.resumed, work.tokens, seconds, config.output, store.stale)
+                           work.cached, work.resumed, work.tokens, seconds, config.output, store.stale, check)
     return provenance.attach(out, prov), summary
 
 
@@ -167,12 +194,7 @@ def _columns(results: dict[str, tuple[np.ndarray, np.ndarray]], per_row: int, co
     """Output columns from the flat log-probs: per-response log-probs, counts, rewards, IRM."""
     pol, ntok = results["policy"]
     ref = results["ref"][0] if "ref" in results else np.full_like(pol, np.nan)
-    if config.reward == "dpo":
-        reward = dpo_reward(pol, ref, config.beta)
-    elif config.reward == "ipo":
-        reward = averaged_reward(pol, ref, np.maximum(ntok, 1), config.beta)
-    else:
-        reward = simpo_reward(pol, np.maximum(ntok, 1), config.beta)
+    reward = rewards(pol, ref, ntok, config)
     truncated = np.array([e.truncated for e in enc], dtype=bool)
     if per_row == 1:
         return {"logp_policy": pol, "logp_ref": _nullable(ref), "ntok": ntok, "reward": reward,
@@ -184,6 +206,15 @@ def _columns(results: dict[str, tuple[np.ndarray, np.ndarray]], per_row: int, co
     cols["irm"] = reward_margin(cols["reward_chosen"], cols["reward_rejected"])
     cols["truncated"] = truncated
     return cols
+
+
+def rewards(pol: np.ndarray, ref: np.ndarray, ntok: np.ndarray, config: ScoreConfig) -> np.ndarray:
+    """The implicit reward of each response, by `config.reward`, from its summed log-probs and token count."""
+    if config.reward == "dpo":
+        return dpo_reward(pol, ref, config.beta)
+    if config.reward == "ipo":
+        return averaged_reward(pol, ref, np.maximum(ntok, 1), config.beta)
+    return simpo_reward(pol, np.maximum(ntok, 1), config.beta)
 
 
 def _nullable(values: np.ndarray) -> pa.Array:
@@ -218,31 +249,36 @@ def _check_cache_folder(folder: str | None) -> None:
                          hint="give --cache a folder you can write to")
 
 
-def _read_prev(config: ScoreConfig, table: pa.Table) -> np.ndarray:
-    """IRM of the previous iteration, aligned to `table` by id. A row it lacks, or whose IRM is not finite, is an
-    error unless --prev-missing current (then NaN here: the current IRM stands in for it)."""
+def _read_prev(config: ScoreConfig, table: pa.Table, column: str = "irm") -> np.ndarray:
+    """IRM (pairs) or reward (candidates, `column`) of the previous iteration, aligned to `table` by id. A row it
+    lacks, or whose value is not finite, is an error unless --prev-missing current (then NaN here: the current
+    value stands in for it)."""
     prev = read_parquet(config.prev)
-    for col in ("id", "irm"):
+    for col in ("id", column):
         if col not in prev.column_names:
             raise InputError(config.prev, f"missing column '{col}' (is it the output of 'sera score'?)")
-    if not (pa.types.is_floating(prev.schema.field("irm").type) or pa.types.is_integer(prev.schema.field("irm").type)):
-        raise InputError(config.prev, f"has type {prev.schema.field('irm').type}; expected numbers", column="irm")
+    typ = prev.schema.field(column).type
+    if not (pa.types.is_floating(typ) or pa.types.is_integer(typ)):
+        raise InputError(config.prev, f"has type {typ}; expected numbers", column=column)
     prev_ids = prev.column("id").to_pylist()
     first: dict[Any, int] = {}
     for i, row_id in enumerate(prev_ids):
         if row_id is None:
             raise InputError(config.prev, "is null", row=i, column="id", hint="ids must be set to join on them")
+        if row_id != row_id:  # NaN: never equal to itself, so never found as a repeat or a match
+            raise InputError(config.prev, "is NaN", row=i, column="id", hint="ids must be set to join on them")
         if row_id in first:
             raise InputError(config.prev, f"id {row_id!r} appears twice (also row {first[row_id]}); ids must be "
                                           "unique to join", row=i, column="id")
         first[row_id] = i
-    irm = np.asarray(prev.column("irm").to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls become NaN
+    irm = np.asarray(prev.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls become NaN
     bad = ~np.isfinite(irm)
+    what = "IRM" if column == "irm" else column
     if bad.any() and config.prev_missing != "current":
         row = int(np.argmax(bad))
-        raise InputError(config.prev, f"is {'null or NaN' if np.isnan(irm[row]) else irm[row]}, not a finite IRM",
-                         row=row, column="irm", hint="rescore that file, or pass --prev-missing current to use the "
-                                                     "current IRM for such rows")
+        raise InputError(config.prev, f"is {'null or NaN' if np.isnan(irm[row]) else irm[row]}, not a finite {what}",
+                         row=row, column=column, hint="rescore that file, or pass --prev-missing current to use the "
+                                                      f"current {what} for such rows")
     lookup = dict(zip(prev_ids, np.where(bad, np.nan, irm), strict=True))
     out = np.empty(table.num_rows)
     for i, row_id in enumerate(table.column("id").to_pylist()):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from sera_cli.errors import ConfigError
+from sera_cli.numbers import config_problems
 from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
 
 
@@ -22,6 +23,10 @@ class ScoreConfig:
     prev_missing: Literal["error", "current"] = "error"
     dtype: str = "auto"
     device: str = "auto"
+    # rescore this many random pairs in float32 and record the IRM's noise floor (`precision`); None: 32 when the
+    # dtype is not float32, else 0
+    precision_check: int | None = None
+    precision_seed: int = 0
     max_length: int | None = MAX_LENGTH
     max_prompt_length: int | None = MAX_PROMPT_LENGTH
     batch_tokens: int = 1024
@@ -39,9 +44,17 @@ class ScoreConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def precision_pairs(self, dtype: str) -> int:
+        """Pairs the precision check rescores in float32 when the scores are computed in `dtype` (resolved)."""
+        from sera_cli.precision import DEFAULT_PAIRS
+
+        if dtype == "float32":
+            return 0
+        return DEFAULT_PAIRS if self.precision_check is None else self.precision_check
+
     def check(self) -> None:
         """Every problem with the settings at once, as one ConfigError."""
-        problems = []
+        problems = config_problems(self)
         if self.reward != "simpo" and not self.ref:
             problems.append(f"--reward {self.reward} needs --ref (the reference model is never taken silently "
                             "from the policy)")
@@ -55,6 +68,8 @@ class ScoreConfig:
             problems.append(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= i < n")
         if self.resume and self.output == "-":
             problems.append("--resume needs a file output (-o FILE), not stdout")
+        if self.precision_check is not None and self.precision_check < 0:
+            problems.append(f"--precision-check must be >= 0 (got {self.precision_check})")
         if self.ray_actors is not None and self.ray_actors < 1:
             problems.append(f"--ray-actors must be >= 1 (got {self.ray_actors})")
         if problems:

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from sera_cli.candidate_pairs import PairStats, build_pairs
 from sera_cli.errors import ConfigError, InputError
 from sera_cli.io import Inputs
+from sera_cli.numbers import config_problems
 
 EPS = 1e-9
 
@@ -33,7 +34,7 @@ class SelectConfig:
 
     def check(self) -> None:
         """Every problem with the settings at once, as one ConfigError."""
-        problems = []
+        problems = config_problems(self)
         if self.top is not None and not 0.0 < self.top <= 1.0:
             problems.append(f"--top must be a fraction in (0, 1], got {self.top}")
         if self.count is not None and self.count < 0:
@@ -107,6 +108,7 @@ class SelectSummary:
     rows_out: int
     choice: Choice
     pairs: PairStats | None
+    warning: str | None = None  # the cut lies under the scores' noise floor (`precision.select_warning`)
 
 
 def select(config: SelectConfig) -> SelectSummary:
@@ -120,10 +122,10 @@ def select(config: SelectConfig) -> SelectSummary:
         require_columns,
         with_ids,
     )
-    from sera_cli.io import check_writable, read_inputs, write_parquet
+    from sera_cli.io import check_writable, inputs_of, read_inputs, write_parquet
 
     config.check()
-    check_writable(config.output, config.inputs)
+    check_writable(config.output, inputs_of(config))
     inputs = read_inputs(list(config.inputs))
     table, stats = inputs.table, None
     if config.pairs:
@@ -148,7 +150,12 @@ def select(config: SelectConfig) -> SelectSummary:
     keep = np.zeros(table.num_rows, bool)
     keep[choice.indices] = True
     write_parquet(provenance.attach(table.filter(pa.array(keep)), prov), config.output)
-    return SelectSummary(table.num_rows, len(choice.indices), choice, stats)
+    warning = None
+    if config.by == "irm" and choice.beyond_top + choice.below_min + choice.ties_dropped:  # rows were cut
+        from sera_cli.precision import select_warning
+
+        warning = select_warning(choice.cutoff, parents)  # type: ignore[arg-type]
+    return SelectSummary(table.num_rows, len(choice.indices), choice, stats, warning)
 
 
 def score_column(inputs: Inputs, table: pa.Table, column: str, *, locate: bool = True) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -108,12 +109,32 @@ def source(path: str):
     try:
         if reader == "read_parquet":
             return ds.dataset(path, format="parquet", schema=pq.read_schema(path))
-        with duckdb.connect(":memory:", config=dict(NO_EXTENSIONS)) as con:
-            return con.sql(f"SELECT * FROM {reader}($1)", params=[path]).to_arrow_table()
+        return _read_text_table(path, reader)
     except (duckdb.Error, pa.ArrowException, OSError) as err:
         kind = "Parquet" if reader == "read_parquet" else "CSV" if reader == "read_csv_auto" else "JSON"
         hint = f"truncated, or not {kind}?"
         raise InputError(path, f"not a readable {kind} file: {_first_line(err)}", hint=hint) from None
+
+
+def _read_text_table(path: str, reader: str) -> pa.Table:
+    """A CSV or JSON(L) file read by DuckDB's reader, through a connection locked like the query's: the file is
+    linked under a plain name (no glob characters, so DuckDB reads exactly this file, never a pattern's
+    matches) in a fresh folder; the connection may read that folder and the file's own, loads no extension, and
+    its configuration is locked."""
+    import duckdb
+
+    with tempfile.TemporaryDirectory(prefix="sera-sql-read-") as folder:
+        link = Path(folder) / ("input" + "".join(Path(path).suffixes[-2:]))
+        os.symlink(os.path.abspath(path), link)
+        with duckdb.connect(":memory:", config=dict(NO_EXTENSIONS)) as con:
+            real = os.path.dirname(os.path.realpath(path))
+            con.execute("SET allowed_directories = $1", [[f"{folder}/", f"{real.rstrip('/')}/"]])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            try:
+                return con.sql(f"SELECT * FROM {reader}($1)", params=[str(link)]).to_arrow_table()
+            except duckdb.Error as err:  # its message names the file as the user did
+                raise duckdb.Error(str(err).replace(str(link), path)) from None
 
 
 def locked_connection(folder: Path, sources: dict[str, Any]):
@@ -167,10 +188,10 @@ def _query_error(err: Exception, files: dict[str, str]) -> SeraError:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-safe value: NaN and infinities as null."""
+    """A JSON-safe value: NaN and infinities as null, at any depth (a MAP comes as a list of tuples)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -181,6 +202,16 @@ def as_json(table: pa.Table) -> str:
     return json.dumps([_plain(r) for r in table.to_pylist()], ensure_ascii=False, default=str)
 
 
+def _not_parquet(typ: pa.DataType) -> pa.DataType | None:
+    """The part of an Arrow type that Parquet cannot store (intervals, unions), at any depth, or None."""
+    if pa.types.is_interval(typ) or pa.types.is_union(typ):
+        return typ
+    for i in range(typ.num_fields):
+        if (inner := _not_parquet(typ.field(i).type)) is not None:
+            return inner
+    return None
+
+
 def write_result(table: pa.Table, path: str, prov: dict[str, Any]) -> None:
     """Write a result as Parquet (with provenance), CSV or JSONL, atomically."""
     from sera_cli import provenance
@@ -188,6 +219,11 @@ def write_result(table: pa.Table, path: str, prov: dict[str, Any]) -> None:
 
     suffix = Path(path).suffix
     if path == "-" or suffix == ".parquet":
+        for f in table.schema:
+            if (typ := _not_parquet(f.type)) is not None:
+                raise InputError("<stdout>" if path == "-" else path,
+                                 f"Parquet cannot hold the column '{f.name}' of type {typ}",
+                                 hint=f"cast it in the query, e.g. CAST({f.name} AS VARCHAR), or write .jsonl")
         write_parquet(provenance.attach(table, prov), path)
         return
     with atomic_path(path) as tmp:
@@ -198,7 +234,10 @@ def write_result(table: pa.Table, path: str, prov: dict[str, Any]) -> None:
                 pacsv.write_csv(table, tmp)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
                 nested = [f.name for f in table.schema if pa.types.is_nested(f.type)]
-                raise InputError(path, f"CSV cannot hold the nested column '{(nested or ['?'])[0]}'",
+                odd = [f for f in table.schema if _not_parquet(f.type) is not None]  # intervals
+                what = (f"the nested column '{nested[0]}'" if nested else
+                        f"the column '{odd[0].name}' of type {odd[0].type}" if odd else "a column of this result")
+                raise InputError(path, f"CSV cannot hold {what}",
                                  hint="write .parquet or .jsonl instead") from None
         else:
             with open(tmp, "w", encoding="utf-8") as f:

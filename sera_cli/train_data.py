@@ -40,6 +40,7 @@ class Pairs:
     ids: list[str]
     parents: list[dict[str, Any]]  # one entry per input file (sera_cli.lineage.parents)
     trl_named: bool = False  # the reference log-probs came as TRL's columns
+    pad_id: int = 0  # the policy tokenizer's pad token
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -54,11 +55,13 @@ def read_pairs(config: TrainConfig, tok) -> Pairs:
     table = with_ids(inputs.table)
     cols = [table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
     encoded = encode_rows(tok, cols[0], list(zip(cols[1], cols[2], strict=True)), config.max_length,
-                          config.max_prompt_length)
+                          config.max_prompt_length, inputs.locate)
     models = [resolve(m) for m in (config.policy, config.ref) if m]
     check_context(models, [len(e.prompt) + max(map(len, e.responses)) for e in encoded], inputs.locate,
-                  config.trust_remote_code)
-    return Pairs(inputs, encoded, table.column("id").to_pylist(), lineage.parents(inputs), trl_named)
+                  config.trust_remote_code,
+                  max_ids=[max(max(e.prompt, default=0), *(max(r, default=0) for r in e.responses)) for e in encoded])
+    return Pairs(inputs, encoded, table.column("id").to_pylist(), lineage.parents(inputs), trl_named,
+                 tok.pad_token_id)
 
 
 def sera_named(inputs: Inputs) -> tuple[Inputs, bool]:
@@ -127,6 +130,7 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
     from sera_cli.models import (
         chat_template_hash,
         check_same_tokenizer,
+        check_same_vocab,
         load_tokenizer,
         resolve,
         resolved_dtype,
@@ -137,9 +141,11 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
     name, table = pairs.inputs.name, pairs.inputs.table
     ref = identity = None
     if config.ref:
-        ref = resolve(config.ref)
-        ref_tok = load_tokenizer(ref, config.trust_remote_code)
+        ref, policy = resolve(config.ref), resolve(config.policy)
+        same = (ref.path, ref.adapter) == (policy.path, policy.adapter)  # one tokenizer: load it once
+        ref_tok = tok if same else load_tokenizer(ref, config.trust_remote_code)
         check_same_tokenizer(tok, ref_tok, config.policy, config.ref)
+        check_same_vocab(resolve(config.policy), ref, config.trust_remote_code)
         identity = logp_identity(ref, ref_tok, config.max_length, config.max_prompt_length,
                                  resolved_dtype(config.dtype, config.device))  # as `score` records it
     n = len(pairs)
@@ -176,13 +182,16 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
         if diff := _difference(stored[0], identity, _KEYS):
             raise InputError(name, f"{whose} reference log-probs are not those of --ref {config.ref}: {diff}",
                              hint=_HINT)
-        return RefPlan("input", chosen, rejected, identity, ref)
+        _check_infinite(pairs, chosen, rejected)
+        return RefPlan("input", chosen, rejected, identity, ref)  # NaN rows (null) are computed with --ref
+    _check_infinite(pairs, chosen, rejected)
     bad = np.isnan(chosen) | np.isnan(rejected)
     if bad.any():
         row = int(np.argmax(bad))
         file, local = pairs.inputs.locate(row)
         column = REF_COLUMNS[0] if np.isnan(chosen[row]) else REF_COLUMNS[1]
-        raise InputError(file, "is null", row=local, column=column, hint="give --ref MODEL to compute it")
+        problem = "is null" if table.column(column)[row].as_py() is None else "is NaN"
+        raise InputError(file, problem, row=local, column=column, hint="give --ref MODEL to compute it")
     if len(groups) > 1:  # several references, or some rows without one: none of them can be trusted
         raise _mixed(pairs.inputs, groups)
     if stored:  # without --ref the model is trusted, but the tokens must be the ones trained on
@@ -194,29 +203,41 @@ def plan_reference(config: TrainConfig, pairs: Pairs, tok) -> RefPlan:
     return RefPlan("input", chosen, rejected, stored[0] if stored else None)
 
 
+def _check_infinite(pairs: Pairs, chosen: np.ndarray, rejected: np.ndarray) -> None:
+    """A stored reference log-prob of +/-inf would make the loss of its pair (and then every weight) NaN."""
+    bad = np.isinf(chosen) | np.isinf(rejected)
+    if bad.any():
+        row = int(np.argmax(bad))
+        file, local = pairs.inputs.locate(row)
+        column = REF_COLUMNS[0] if np.isinf(chosen[row]) else REF_COLUMNS[1]
+        value = chosen[row] if column == REF_COLUMNS[0] else rejected[row]
+        raise InputError(file, f"is {value}, not a finite log-prob", row=local, column=column,
+                         hint="score the pairs again, or give --ref MODEL with --recompute-ref")
+
+
 def compute_reference(plan: RefPlan, pairs: Pairs, rows: np.ndarray, config: TrainConfig, device) -> RefPlan:
-    """Fill the reference log-probs of `rows` with one pass of the reference model (as `score` does)."""
+    """Fill the reference log-probs of `rows` with one pass of the reference model (as `score` does), on the
+    pairs as encoded for training: `plan_reference` checked that --ref has the policy's tokenizer (vocabulary,
+    special tokens, chat template), so the reference's own tokenizer would give the same ids."""
     import contextlib
     import gc
 
-    from sera_cli.batched_logps import pair_logps
+    from sera_cli.batched_logps import flat_sequences, sequences_logps
     from sera_cli.console import console
-    from sera_cli.models import load_model, load_tokenizer
+    from sera_cli.models import load_model
 
     if not len(rows):
         return plan
-    table = with_ids(pairs.inputs.table).take(rows)
-    tok = load_tokenizer(plan.model, config.trust_remote_code)
     model = load_model(plan.model, config.dtype, str(device), config.trust_remote_code)
     status = console.status(f"Computing reference log-probs of {len(rows):,} pairs once")
     with status if config.progress else contextlib.nullcontext():
-        out = pair_logps(model, tok, *(table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")),
-                         max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                         batch_tokens=config.ref_batch_tokens)
+        # padding is masked out, so any id in the vocabulary pads (pairs.pad_id: the policy tokenizer's)
+        logp, _ = sequences_logps(model, flat_sequences([pairs.encoded[i] for i in rows]), pairs.pad_id,
+                                  config.ref_batch_tokens)
     del model
     gc.collect()
     chosen, rejected = plan.chosen.copy(), plan.rejected.copy()
-    chosen[rows], rejected[rows] = out["logp_chosen"], out["logp_rejected"]
+    chosen[rows], rejected[rows] = logp[0::2], logp[1::2]
     source = "computed" if plan.source == "computed" else "input+computed"
     return RefPlan(source, chosen, rejected, plan.identity, plan.model)
 

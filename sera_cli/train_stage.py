@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sera_cli import precision
 from sera_cli.console import console
 from sera_cli.errors import ConfigError, InputError
 from sera_cli.hashing import digest
-from sera_cli.io import refuse_overwrite
+from sera_cli.io import check_folder_writable, inputs_of, refuse_overwrite
 from sera_cli.trackers import TRACKERS
 from sera_cli.train_data import compute_reference, plan_reference, read_pairs, ref_source
 from trainers import checkpoint
@@ -50,7 +51,41 @@ class TrainSummary:
 
 
 def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
-    """Train the policy on the pairs as `config` says and write the model folder; `on_step` sees each record."""
+    """Train the policy on the pairs as `config` says and write the model folder; `on_step` sees each record.
+    The output is locked for the whole run, as `score` locks its output, so a second trainer of the same
+    --output stops at once instead of both reporting success."""
+    check_output(config)
+    out = Path(config.output)
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # folders the lock file makes
+    try:
+        with output_lock(config):
+            return _train(config, on_step)
+    except BaseException:
+        for d in made:  # a failed run leaves nothing, not even the folders made for its lock
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def output_lock(config: TrainConfig):
+    """The output's lock (`locking.pid_lock`, a hidden file beside the output), taken by the main process only:
+    the processes of one launch are one run."""
+    from contextlib import nullcontext
+
+    from sera_cli.locking import pid_lock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    out = Path(config.output)
+    lock = out.with_name(f".{out.name}.train-lock")
+    return pid_lock(lock, lambda pid: f"{config.output}: another sera process (pid {pid}) is training into this "
+                                      f"output (its lock {lock} is held); wait for it to finish or choose another "
+                                      "--output")
+
+
+def _train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None) -> TrainSummary:
     from trainers.loop import fit
 
     t0 = time.perf_counter()
@@ -61,7 +96,11 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         console.print(world_line(config, acc.num_processes, acc.device.type, acc.distributed_type.value),
                       soft_wrap=True, highlight=False, markup=False)
     tok, pairs, steps, refs, plan = prepare_data(config, acc)
+    dtypes = precision.reference_dtype(plan, config.dtype, acc.device.type), compute_dtype(config.dtype,
+                                                                                             acc.device.type)
     model = load_policy(config, acc)  # before the partial folder: a model that fails to load leaves nothing
+    if acc.is_main_process and (note := precision.dtype_note(*dtypes)):  # after loading: a failure stays one line
+        console.print(note, soft_wrap=True, highlight=False, markup=False)
     if acc.is_main_process:
         checkpoint.prepare_partial(partial, config.resume)
     acc.wait_for_everyone()
@@ -81,8 +120,11 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     if track:
         acc.end_training()
     sera = provenance_of(config, pairs, plan, log.records, acc.mixed_precision,
-                         {"world_size": acc.num_processes, "distributed_type": acc.distributed_type.value})
-    checkpoint.save_model(acc, net, tok, partial / "model", not config.save_adapter, sera, log.path)
+                         {"world_size": acc.num_processes, "distributed_type": acc.distributed_type.value}, dtypes[0])
+    from sera_cli.models import save_tokenizer
+
+    checkpoint.save_model(acc, net, tok, partial / "model", not config.save_adapter, sera, log.path,
+                          save_tokenizer)
     if acc.is_main_process:
         checkpoint.publish(partial, partial / "model", config.output)
     acc.wait_for_everyone()
@@ -94,7 +136,9 @@ def check_output(config: TrainConfig) -> Path:
     """Fail before any work when the output folder cannot be made; return the partial folder."""
     out = Path(config.output)
     for folder in (out, checkpoint.partial_dir(out)):  # both are replaced as a whole
-        refuse_overwrite(folder, (*config.inputs, config.policy, config.ref), folder=True)
+        refuse_overwrite(folder, inputs_of(config, config.logging_dir), folder=True)
+    if config.logging_dir:
+        check_folder_writable(config.logging_dir, inputs_of(config), what="--logging-dir")
     if out.exists() and not config.overwrite:
         raise InputError(config.output, "already exists", hint="choose another --output or pass --overwrite")
     if out.exists() and not out.is_dir():
@@ -226,22 +270,27 @@ def world_line(config: TrainConfig, processes: int, device: str, kind: str) -> s
 
 
 def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]],
-                  mixed_precision: str = "no", world: dict[str, Any] | None = None) -> dict[str, Any]:
+                  mixed_precision: str = "no", world: dict[str, Any] | None = None,
+                  ref_dtype: str | None = None) -> dict[str, Any]:
     """`sera.json`: the run's config (with the dtype the policy ran in, float32 weights either way), the
     identities of the base model and reference, the data's provenance, and how many processes trained."""
     from sera_cli import provenance
+    from sera_cli.chat_templates import FOLDED, folded_rows
     from sera_cli.hashing import digest
     from sera_cli.models import resolve
 
+    folded = folded_rows(pairs.encoded)
     settings = {k: v for k, v in config.as_dict().items() if k != "progress"}
     settings["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
     return provenance.record(
         "train", settings, requested_dtype=config.dtype,
         models={"policy": resolve(config.policy).identity(), "ref": plan.model.identity() if plan.model else None},
-        reference={"source": plan.source, "logps": plan.identity},
+        reference={"source": plan.source, "logps": plan.identity, "dtype": ref_dtype,
+                   "dtype_differs": ref_dtype is not None and ref_dtype != settings["dtype"]},
         data={"rows": len(pairs), "ids": digest(pairs.ids)}, steps=len(records),
         first=records[0] if records else None, last=records[-1] if records else None,
-        **(world or {"world_size": 1}), parents=pairs.parents)
+        **(world or {"world_size": 1}), parents=pairs.parents,
+        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}))
 
 
 @contextmanager
@@ -259,7 +308,7 @@ def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[[di
                TextColumn("loss {task.fields[loss]}  reward acc {task.fields[acc]}  {task.fields[speed]}"))
     done = {"pairs": 0, "tokens": 0, "seconds": 0.0}
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("training", total=total, completed=start, loss="-", acc="-", speed="")
+        task = bar.add_task("training", total=total, completed=start, loss="-", acc="-", speed="", unit="steps")
 
         def show(r: dict[str, Any]) -> None:
             for k in done:

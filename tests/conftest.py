@@ -9,6 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small files the tests ship (own text, public formats)
+
+
+def needs_shared(path: Path) -> Path:
+    """`path` under the shared data folder (`../shared/data` beside the checkout), or skip naming what is missing."""
+    if not path.exists():
+        pytest.skip(f"needs the shared data folder ../shared/data beside the checkout: {path} not found")
+    return path
 
 STANDARD_ROWS = [
     ("Human: What is 2+2?\n\nAssistant:", " 4.", " 5."),

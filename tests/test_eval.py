@@ -27,7 +27,9 @@ from sera_cli.evaluation.cache import JudgmentCache
 from sera_cli.evaluation.config import EvalConfig
 from sera_cli.evaluation.prompts import read_questions
 from sera_cli.evaluation.run import evaluate, plan
-from tests.conftest import SHARED, _tiny_llama
+from tests.conftest import FIXTURES, SHARED, _tiny_llama, needs_shared
+
+MT_FIXTURE = FIXTURES / "eval-prompts" / "mt_bench_question.jsonl"  # FastChat's question format, own text
 
 QUESTIONS = [{"question_id": i, "category": "generic", "turns": [t]} for i, t in enumerate(
     ["Name a colour.", "What is 2+2?", "Say hi.", "Capital of France?"], start=1)]
@@ -54,7 +56,23 @@ def answers_file(tmp_path: Path, models: dict[str, list[str]]) -> str:
 # --- prompt formats ---------------------------------------------------------------------------------------------
 
 def test_fastchat_first_turn_and_all_turns():
-    mt = str(SHARED / "eval-prompts" / "mt_bench" / "question.jsonl")
+    mt = str(MT_FIXTURE)
+    first = read_questions(mt)
+    both = read_questions(mt, "all")
+    assert len(first) == len(both) == 6
+    assert first[0].question_id == "201" and len(first[0].turns) == 1 and len(both[0].turns) == 2
+    assert both[0].turns[1] == "Rewrite the note as a four-line poem."
+    assert (first[0].category, first[0].reference, first[0].text) == (
+        "writing", None, "Write a short note inviting your neighbours to a street clean-up on Saturday morning.")
+    refs = [q for q in both if q.reference]
+    assert [q.question_id for q in refs] == ["203", "204", "205"]
+    assert {q.category for q in refs} == {"math", "reasoning", "coding"}
+    assert both[2].reference[1] == "Each pencil costs 15 cents, so 300 / 15 = 20 pencils."
+    assert first[2].reference == ("12 pencils are 4 groups of 3, so they cost 4 x 45 = 180 cents, or 1.80 dollars.",)
+
+
+def test_fastchat_mt_bench_shared():
+    mt = str(needs_shared(SHARED / "eval-prompts" / "mt_bench" / "question.jsonl"))
     first = read_questions(mt)
     both = read_questions(mt, "all")
     assert len(first) == len(both) == 80
@@ -73,7 +91,17 @@ def test_prompt_table_alpaca_and_wizardlm(tmp_path):
     alpaca.write_text(json.dumps([{"instruction": "Add 2 and 3.", "output": "5", "dataset": "helpful"}]))
     q = read_questions(str(alpaca))[0]
     assert q.turns == ("Add 2 and 3.",) and q.reference == ("5",) and len(q.question_id) == 16
-    wiz = read_questions(str(SHARED / "eval-prompts" / "wizardlm_evol_instruct" / "WizardLM_testset.jsonl"))
+    wiz = read_questions(str(FIXTURES / "eval-prompts" / "wizardlm_testset.jsonl"))
+    assert [(q.question_id, q.category) for q in wiz] == [("1", "Math"), ("2", "Writing"), ("3", "Common-Sense")]
+    assert wiz[1].turns == ("Write a two-sentence story about a lost umbrella.",) and wiz[1].reference is None
+    alpaca = read_questions(str(FIXTURES / "eval-prompts" / "alpaca_eval.json"))
+    assert [(q.turns, q.reference) for q in alpaca] == [(("List three colours of a rainbow.",), ("Red, green and blue.",)),
+                                                        (("Translate 'good morning' into French.",), ("Bonjour.",))]
+    assert len({q.question_id for q in alpaca}) == 2 and {q.category for q in alpaca} == {"sera-fixture"}
+
+
+def test_wizardlm_shared():
+    wiz = read_questions(str(needs_shared(SHARED / "eval-prompts" / "wizardlm_evol_instruct" / "WizardLM_testset.jsonl")))
     assert len(wiz) == 218 and wiz[0].question_id == "1" and wiz[0].category == "Math"
 
 
@@ -115,7 +143,7 @@ def test_both_orders_logic():
 
 
 def test_templates_follow_fastchat():
-    mt = read_questions(str(SHARED / "eval-prompts" / "mt_bench" / "question.jsonl"), "all")
+    mt = read_questions(str(MT_FIXTURE), "all")
     math_q = next(q for q in mt if q.category == "math")
     writing = mt[0]
     assert protocol.template_for("pairwise", writing, 1).name == "pair-v2"
@@ -128,6 +156,21 @@ def test_templates_follow_fastchat():
     assert msgs[1]["content"] == ("[User Question]\n" + writing.turns[0] + "\n\n[The Start of Assistant A's Answer]\n"
                                   "mine\n[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n"
                                   "theirs\n[The End of Assistant B's Answer]")
+
+
+def test_judge_prompt_file_in_fastchat_format():
+    """FastChat's judge-prompt layout read from a file the tests ship (own text), and the bundled file holds every
+    template the protocol picks."""
+    got = protocol.read_templates(FIXTURES / "eval-prompts" / "judge_prompts.jsonl")
+    assert sorted(got) == ["pair-short", "single-short"]
+    pair = got["pair-short"]
+    assert pair.system.endswith("then end with [[A]], [[B]] or [[C]] for a tie.")
+    assert pair.user.format(question="2+2?", answer_a="4", answer_b="5") == (
+        "[Question]\n2+2?\n\n[Answer A]\n4\n\n[Answer B]\n5")
+    bundled = protocol.templates()
+    assert {f"{m}{ref}-v{v}{turn}" for m, ref, v in (("pair", "", 2), ("pair", "-math", 1), ("single", "", 1),
+                                                      ("single", "-math", 1)) for turn in ("", "-multi-turn")} \
+        <= set(bundled)
 
 
 # --- statistics -------------------------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ import pytest
 
 from tests.conftest import SHARED
 
-pytestmark = pytest.mark.skipif(
+VICUNA = SHARED / "eval-prompts" / "vicuna_bench" / "question.jsonl"
+pytestmark = [pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
-    reason="vllm is not installed here; the endpoint judge is tested against `vllm serve` in its own environment")
+    reason="vllm is not installed here; the endpoint judge is tested against `vllm serve` in its own environment"),
+    pytest.mark.skipif(not VICUNA.exists(), reason=f"needs the shared data folder ../shared/data: {VICUNA} not found")]
 
 SERVED = "smollm2-judge"
 
@@ -73,7 +75,7 @@ def endpoint(smol, tmp_path_factory):
 
 def test_judge_four_questions_through_the_endpoint(tmp_path, endpoint):
     questions = [json.loads(line) for line in
-                 (SHARED / "eval-prompts" / "vicuna_bench" / "question.jsonl").read_text().splitlines()[:4]]
+                 VICUNA.read_text().splitlines()[:4]]
     qfile = tmp_path / "question.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
     good = ["Plan your day, set priorities and avoid distractions.", "Exercise, sleep well and talk to friends.",

@@ -259,7 +259,8 @@ def test_two_iterations_end_to_end_then_only_the_deleted_stage_reruns(tmp_path, 
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "iter-2/train up to date, skipped" in result.stderr
-    assert "held-out reward accuracy" in result.stderr and (wd / "report.md").exists()
+    assert "held-out reward accuracy" in result.stdout and (wd / "report.md").exists()  # the report: stdout
+    assert result.stdout.splitlines()[-1].startswith(f"wrote {wd}/; try next: sera report {wd}  |  ")
     assert "ran 0 stage(s), skipped 15 up to date" in result.stderr
 
 
@@ -267,13 +268,20 @@ def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     import os
     import subprocess
     import sys
+    import time
 
     from sera_cli.pipeline.stages import workdir_lock
 
-    (tmp_path / ".lock").write_text(str(os.getppid()))
-    with pytest.raises(ConfigError, match=rf"another 'sera run' \(pid {os.getppid()}\) is using this workdir"):
-        with workdir_lock(tmp_path):
-            pass
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live Python holder
+    try:
+        time.sleep(1.1)  # the lock is written after its holder started (a pid reused later is not the holder)
+        (tmp_path / ".lock").write_text(str(holder.pid))
+        with pytest.raises(ConfigError, match=rf"another 'sera run' \(pid {holder.pid}\) is using this workdir"):
+            with workdir_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / ".lock").write_text(dead.stdout.strip())
     with workdir_lock(tmp_path):

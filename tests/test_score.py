@@ -311,7 +311,7 @@ def test_bad_nan_logps(tmp_path, tiny_policy):
 def test_bad_glob_matches_nothing(tmp_path, tiny_policy):
     pattern = str(tmp_path / "nothing-*.parquet")
     r = sera("score", pattern, "--policy", tiny_policy, "--ref", tiny_policy, "-o", str(tmp_path / "o.parquet"))
-    assert r.exit_code == 1 and r.stderr == f"error: {pattern}: no file matches this pattern\n"
+    assert r.exit_code == 1 and r.stderr == f"error: {pattern}: no file has this name, and read as a glob pattern it matches no file\n"
 
 
 def test_several_inputs_and_globs(tmp_path, tiny_policy, tiny_ref):

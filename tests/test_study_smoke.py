@@ -18,7 +18,8 @@ from conftest import SHARED
 STUDY = Path(__file__).parent / "bench" / "study.py"
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (SHARED / "ultrafeedback-sample").exists(), reason="no shared data")]
+              pytest.mark.skipif(not (SHARED / "ultrafeedback-sample").exists(),
+                                 reason="needs the shared data folder ../shared/data/ultrafeedback-sample")]
 
 
 def _study():

@@ -77,14 +77,19 @@ def test_shared_prompt_forward_equals_whole_sequences(tiny_policy, table_fn, lor
 
 
 def test_models_without_a_plain_cache_fall_back_to_whole_sequences(tiny_policy):
-    """A model whose logits are not a plain projection (here flagged by a soft-capping setting) and a model with
-    gradient checkpointing take the unshared path."""
+    """A model whose logits are not a function of the last hidden state (here: no output embedding to read) and a
+    model with gradient checkpointing take the unshared path; soft-capped logits share (the cap is applied after
+    the projection, tests/test_sliding_share.py)."""
     ref = resolve(tiny_policy)
     model = load_model(ref, "float32", "cpu", train=True)
     assert shares_prompts(model)
     model.config.final_logit_softcapping = 30.0
-    assert not PairLogps(model, 2).share
+    assert PairLogps(model, 2).share
     model.config.final_logit_softcapping = None
+    real = model.get_output_embeddings
+    model.get_output_embeddings = lambda: None
+    assert not PairLogps(model, 2).share
+    model.get_output_embeddings = real
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert not PairLogps(model, 2).share
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,9 @@ def prepare_partial(partial: Path, resume: bool) -> None:
         raise InputError(str(partial), f"cannot be created: {err.strerror}") from None
 
 
-def save(accelerator, partial: Path, step: int, key: str) -> None:
-    """Write a checkpoint beside the old one and swap it in, so a crash mid-save keeps the old one."""
+def save(accelerator, partial: Path, step: int, key: str, scheduler=None) -> None:
+    """Write a checkpoint beside the old one and swap it in, so a crash mid-save keeps the old one. The
+    scheduler's state goes into `state.json` (plain numbers), not into a pickle."""
     tmp, final, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -54,7 +57,8 @@ def save(accelerator, partial: Path, step: int, key: str) -> None:
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
+        sched = scheduler.state_dict() if scheduler is not None else None
+        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "scheduler": sched}))
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -64,18 +68,90 @@ def save(accelerator, partial: Path, step: int, key: str) -> None:
 
 def saved_step(partial: Path) -> int:
     """The step the checkpoint in `partial` continues from (the key is checked by `restore`)."""
-    return int(json.loads((partial / "checkpoint" / "state.json").read_text())["step"])
+    return int(_state(partial / "checkpoint")["step"])
 
 
-def restore(accelerator, partial: Path, key: str) -> int:
-    """Load the checkpoint; return the step to continue from."""
+def _state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's state.json; a missing, truncated or malformed one is one line naming it."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_bytes())
+        if isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("key"), str):
+            return state
+        problem = "does not hold a step and a settings key"
+    except (OSError, ValueError, RecursionError) as err:
+        problem = f"cannot be read ({getattr(err, 'strerror', None) or type(err).__name__})"
+    raise InputError(str(path), f"{problem}: the checkpoint is damaged", hint="rerun without --resume to start over")
+
+
+def restore(accelerator, partial: Path, key: str, scheduler=None) -> int:
+    """Load the checkpoint; return the step to continue from.
+
+    Nothing in it is unpickled: the weights, optimizer and RNG states load with `torch.load(weights_only=True)`
+    (accelerate's loader), and `check_no_code` first refuses, in one line, a checkpoint holding any file this
+    trainer does not write (a planted `custom_checkpoint_0.pkl`, which accelerate would unpickle) or a state
+    file that is not plain tensors and numbers."""
     folder = partial / "checkpoint"
-    state = json.loads((folder / "state.json").read_text())
+    state = _state(folder)
     if state["key"] != key:
         raise ConfigError(f"--resume: the checkpoint in {partial} was made with other settings or data; "
                           "rerun with the same ones, or without --resume to start over")
-    accelerator.load_state(str(folder))
+    check_no_code(folder)
+    try:
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as err:
+        raise _not_plain(folder, err) from None
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+# What `save` writes: accelerate's model, optimizer, scaler and per-process RNG files, and our state.json.
+_CHECKPOINT_FILE = re.compile(r"(pytorch_model|model)(_\d+)?\.(bin|safetensors)|optimizer(_\d+)?\.bin|"
+                              r"scaler\.pt|random_states_\d+\.pkl|state\.json")
+
+
+def check_no_code(folder: Path) -> None:
+    """Refuse a checkpoint folder that holds a file `save` never writes, or a state file that is not plain
+    tensors and numbers, naming the file. accelerate loads every state with `weights_only=True` too (see
+    `restore`), but it does not say which file failed, and it ignores an RNG file it cannot load. The check
+    maps the files (`mmap`) rather than reading their tensors, so it costs little for a large model."""
+    from accelerate.utils.other import load
+
+    for path in sorted(folder.iterdir()):
+        if not _CHECKPOINT_FILE.fullmatch(path.name):
+            raise InputError(str(path), "is not a file of a sera checkpoint, and a checkpoint is never unpickled "
+                                        "beyond plain tensors",
+                             hint="remove it, or rerun without --resume to start over")
+        if path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                try:
+                    load(path, map_location="cpu", mmap=True)  # weights_only=True, numpy arrays allowed
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    load(path, map_location="cpu")  # not torch's zip format: a bare pickle, still weights_only
+            except pickle.UnpicklingError as err:
+                if "truncated" in str(err):
+                    raise _damaged(path, err) from None
+                raise _not_plain(path, err) from None
+            except (RuntimeError, EOFError, OSError, ValueError) as err:  # a truncated or corrupt file
+                raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: Exception) -> InputError:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    why = lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__  # torch adds paragraphs of advice
+    return InputError(str(path), f"is truncated or damaged ({why}); it was "
+                                 "not loaded", hint="rerun without --resume to start over")
+
+
+def _not_plain(path: Path, err: Exception) -> InputError:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    why = next((ln.rstrip(".") for ln in lines if "unsupported" in ln.lower() and "weights_only" not in ln),
+               "refused by torch.load(weights_only=True)")  # torch's reason: 'unsupported GLOBAL posix.system ...'
+    return InputError(str(path), f"holds code or objects, not plain tensors ({why}); it was not loaded",
+                      hint="rerun without --resume to start over")
 
 
 class MetricsLog:
@@ -98,9 +174,11 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def save_model(accelerator, net, tok, folder: Path, merge: bool, sera: dict[str, Any], metrics: Path) -> None:
+def save_model(accelerator, net, tok, folder: Path, merge: bool, sera: dict[str, Any], metrics: Path,
+               save_tokenizer=None) -> None:
     """The trained model as a Hugging Face folder (safetensors, tokenizer, generation config), with its
-    provenance (`sera.json`) and `metrics.jsonl`. LoRA runs are merged unless `merge` is False."""
+    provenance (`sera.json`) and `metrics.jsonl`. LoRA runs are merged unless `merge` is False.
+    `save_tokenizer(tok, folder)` writes the tokenizer (default: its save_pretrained)."""
     from accelerate.utils import DistributedType
     from transformers.utils import logging as hf_logging
 
@@ -120,7 +198,7 @@ def save_model(accelerator, net, tok, folder: Path, merge: bool, sera: dict[str,
         finally:
             if quiet:
                 hf_logging.enable_progress_bar()
-        tok.save_pretrained(folder)
+        (save_tokenizer or type(tok).save_pretrained)(tok, folder)
         if getattr(model, "generation_config", None) is not None and not (folder / "generation_config.json").exists():
             model.generation_config.save_pretrained(folder)
         (folder / "sera.json").write_text(json.dumps(sera, indent=2, default=str) + "\n")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from trainers.encode import MAX_LENGTH, MAX_PROMPT_LENGTH
@@ -76,7 +77,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every out-of-range or contradictory setting at once, as the user typed it, in one ConfigError."""
-        out = []
+        out = [f"--{f.name.replace('_', '-')} must be a finite number (got {v})" for f in fields(self)
+               if isinstance(v := getattr(self, f.name), float) and not math.isfinite(v)]
+        if out:  # NaN compares false with every bound below, so it would pass them (the CLI refuses it earlier)
+            raise ConfigError("; ".join(out))
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss}: expected one of {', '.join(LOSSES)}")
         if not 0 < self.lr < 1:

@@ -13,15 +13,44 @@ IGNORE = -100
 _PROJECT_CHUNK = 2048  # response positions projected to the vocabulary at a time when no gradient is needed
 
 
+class Head:
+    """The vocabulary projection of a model whose logits are a plain function of the last hidden state:
+    `module(h)` (the output embedding), times `scale` (Cohere's logit_scale, Granite's 1/logits_scaling), then
+    soft-capped as `cap * tanh(x / cap)` (Gemma 2's final_logit_softcapping), as the model's own forward does."""
+
+    def __init__(self, module, cap: float | None = None, scale: float | None = None):
+        self.module, self.cap, self.scale = module, cap, scale
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.module(hidden))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            x = x * self.scale
+        if self.cap is not None:
+            x = torch.tanh(x / self.cap) * self.cap
+        return x
+
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight [V, H], bias) when the module is a plain linear layer (not wrapped by an adapter)."""
+        m = self.module
+        if type(m) is not torch.nn.Linear:
+            return None
+        return m.weight, m.bias
+
+
 def _head(model):
-    """(decoder, lm_head) when the model's logits are a plain projection of the decoder's last hidden state."""
+    """(decoder, Head) when the model's logits are a function of the decoder's last hidden state alone."""
     cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):  # Granite divides its logits
+        scale = (scale or 1.0) / cfg.logits_scaling
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is None or head is None:
         return None
-    return decoder, head
+    return decoder, Head(head, float(cap) if cap else None, float(scale) if scale not in (None, 1, 1.0) else None)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -70,11 +99,30 @@ def sum_by_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.T
 
 
 def projected_logps(head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(hidden))[token] per row; in chunks when no gradient is needed, to bound memory."""
+    """log softmax(head(hidden))[token] per row, in float32.
+
+    Logits whose [rows, vocabulary] fit `FULL_LOGITS` entries are computed whole (without a gradient, in chunks of
+    `_PROJECT_CHUNK` rows, so a 2,048 x 64k chunk at most). Larger ones go through
+    `trainers.vocab_chunks` (positions x vocabulary blocks, log-sum-exp accumulated in float32; its backward
+    recomputes each block, never holding a [rows, vocabulary] gradient), so memory stays flat in the vocabulary;
+    a head that is not a plain linear layer is projected in row chunks when no gradient is needed."""
+    from trainers.vocab_chunks import FULL_LOGITS, chunked_logps
+
+    vocab = _vocab_size(head)
+    rows = len(tokens) if torch.is_grad_enabled() else min(len(tokens), _PROJECT_CHUNK)  # the rows held at once
+    if vocab is not None and rows * vocab > FULL_LOGITS and isinstance(head, Head) and head.linear():
+        weight, bias = head.linear()
+        return chunked_logps(hidden, weight, bias, tokens, head.cap, head.scale)
     if torch.is_grad_enabled() or len(tokens) <= _PROJECT_CHUNK:
         return _token_logps(head(hidden), tokens)
     return torch.cat([_token_logps(head(hidden[i:i + _PROJECT_CHUNK]), tokens[i:i + _PROJECT_CHUNK])
                       for i in range(0, len(tokens), _PROJECT_CHUNK)])
+
+
+def _vocab_size(head) -> int | None:
+    module = head.module if isinstance(head, Head) else head
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,8 @@ def fit(config: TrainConfig, acc, model, pad_id: int, encoded: Sequence[Encoded]
     """
     optimizer, scheduler = make_optimizer(model, config, len(steps))
     net, optimizer = acc.prepare(PairLogps(model, pad_id, config.share_prompts), optimizer)
-    acc.register_for_checkpointing(scheduler)
-    start = checkpoint.restore(acc, partial, key) if config.resume else 0
+    # the scheduler's state is saved as JSON in the checkpoint (accelerate would pickle a registered object)
+    start = checkpoint.restore(acc, partial, key, scheduler) if config.resume else 0
     log = checkpoint.MetricsLog(partial / "metrics.jsonl", start, acc.is_main_process)
     spec, params, beta = config.spec, config.loss_params(), config.resolved_beta
     per_epoch = math.ceil(len(encoded) / config.batch_size)
@@ -72,7 +72,7 @@ def fit(config: TrainConfig, acc, model, pad_id: int, encoded: Sequence[Encoded]
                   "tokens": step_tokens(encoded, batch), "seconds": round(time.perf_counter() - t_step, 4)}
         log.write(record)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < len(steps):
-            checkpoint.save(acc, partial, step + 1, key)
+            checkpoint.save(acc, partial, step + 1, key, scheduler)
         if on_step:
             on_step(record)
     return net, log
@@ -100,11 +100,16 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def make_optimizer(model, config: TrainConfig, total: int):
-    """AdamW (no weight decay on biases and norms) and the warmup-then-decay schedule."""
+    """AdamW (no weight decay on biases and norms) and the warmup-then-decay schedule.
+
+    On CPU and CUDA the update is torch's fused kernel: one pass over each parameter instead of one per
+    elementwise op (on CPU the per-tensor loop was 9% of a profiled `sera train` loop of SmolLM2-135M); the
+    same update within float32 rounding."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=fused or None)
     warmup = math.ceil(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total, config.schedule))

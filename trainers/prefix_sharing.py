@@ -54,9 +54,13 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int, device) -> tuple[torch.T
 def _prompt_batch(decoder, prompts: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """One left-padded prompt batch through the decoder: keys and values [layers, 2, B, kv_heads, L, head_dim],
     the attention mask [B, L] and each prompt's last hidden state [B, hidden]."""
+    from transformers import DynamicCache
+
     ids, att = left_pad(prompts, pad_id, device)
+    # A cache made here keeps every layer's full keys and values: a sliding-window layer's own cache would drop
+    # the prompt's early keys, while its attention mask already limits what each position sees.
     out = decoder(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
-                  use_cache=True)
+                  use_cache=True, **{cache_kwarg(decoder): DynamicCache()})
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
     kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
     return kv, att, out.last_hidden_state[:, -1]
@@ -177,10 +181,9 @@ def cache_kwarg(model) -> str:
 
 
 def can_share(model) -> bool:
-    """Whether prompt sharing applies: logits are a plain projection and every layer attends to the full past
-    (a sliding-window layer would need its own cache layout)."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    sliding = any("sliding" in str(t) for t in getattr(cfg, "layer_types", None) or ())
-    sliding = sliding or (getattr(cfg, "sliding_window", None) is not None
-                          and getattr(cfg, "use_sliding_window", True) is not False)
-    return _head(model) is not None and not sliding
+    """Whether prompt sharing applies: the logits are a function of the last hidden state (`_head`).
+
+    Sliding-window layers (Gemma 2/3, Mistral) share too: the prompt pass keeps their full keys and values
+    (`_prompt_batch`), left padding keeps each query's distance to each key, and the model's sliding-window mask
+    limits attention as in a whole-sequence forward (tests/test_sliding_share.py)."""
+    return _head(model) is not None

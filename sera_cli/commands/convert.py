@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from sera_cli.options import ConfigOpt, OutputOpt, SeedOpt, SplitOpt, SubsetOpt
 
 SHOWN_ROWS = 5
+LAYOUTS = Literal["auto", "hh", "ultrafeedback", "plain", "implicit"]  # "auto" and convert_layouts.READERS
+FORMATS = Literal["auto", "conversational", "standard"]
 
 
 def convert(
     inputs: Annotated[list[str], typer.Argument(
         help="JSONL, JSON or Parquet files (gzip allowed) or globs, .arrow files, datasets save_to_disk folders, "
-             "or Hub dataset names (org/name, see --split); '-' reads JSONL from stdin.", show_default=False,
-        metavar="FILE")],
-    output: OutputOpt = "pairs.parquet",
-    layout: Annotated[str, typer.Option(
+             "or Hub dataset names (org/name, see --split); '-' reads JSONL from stdin.", show_default=False)],
+    output: OutputOpt = "-",
+    layout: Annotated[LAYOUTS, typer.Option(
         "--layout", help="Input layout: auto, hh (HH-RLHF dialogues), ultrafeedback (message lists), plain "
                          "(prompt/chosen/rejected strings) or implicit (chosen/rejected strings that begin with "
                          "the prompt, as TRL's implicit-prompt datasets).")] = "auto",
-    format: Annotated[str, typer.Option(
+    format: Annotated[FORMATS, typer.Option(
         "--format", help="Output texts: auto (messages for hh and ultrafeedback, strings for plain), "
                          "conversational ({role, content} message lists) or standard (strings).")] = "auto",
     flip: Annotated[float | None, typer.Option(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -24,8 +24,7 @@ def eval_command(
     judge: Annotated[str | None, typer.Option("--judge", help="A local judge model (HF folder, .gguf, "
                                               "'smollm2-135m'); it needs a chat template.")] = None,
     judge_revision: Annotated[str | None, typer.Option(
-        "--judge-revision", help="Hub revision of --judge: the same as --judge org/name@REV.",
-        metavar="REV")] = None,
+        "--judge-revision", help="Hub revision of --judge: the same as --judge org/name@REV.")] = None,
     judge_url: Annotated[str | None, typer.Option("--judge-url", help="An OpenAI-compatible endpoint instead, "
                                                   "e.g. http://host:8000/v1.")] = None,
     judge_model: Annotated[str | None, typer.Option("--judge-model", help="The model name the endpoint "
@@ -44,10 +43,23 @@ def eval_command(
                                                   "call; each finished batch is cached.", min=1)] = 16,
     judge_prefill: Annotated[str, typer.Option("--judge-prefill", help="Local judge: start its reply with this "
                                                "text (e.g. '[[' so a small judge completes a verdict); the "
-                                               "verdict is still parsed from the reply.", metavar="TEXT")] = "",
-    mode: Annotated[str, typer.Option("--mode", help="pairwise (win rate against --baseline, both answer "
+                                               "verdict is still parsed from the reply.")] = "",
+    judge_reward: Annotated[str | None, typer.Option(
+        "--judge-reward",
+        help="Judge by a DPO-trained model's implicit reward instead of an LLM: log pi - log pi_ref of each "
+             "answer (needs --judge-reward-ref); the larger reward wins.")] = None,
+    judge_reward_ref: Annotated[str | None, typer.Option(
+        "--judge-reward-ref", help="The reference of --judge-reward.")] = None,
+    judge_rm: Annotated[str | None, typer.Option(
+        "--judge-rm",
+        help="Judge by a reward model (any AutoModelForSequenceClassification with one output).")] = None,
+    judge_heldout: Annotated[str | None, typer.Option(
+        "--judge-heldout",
+        help="Held-out preference pairs (Parquet): a reward judge's own accuracy on them (chosen over rejected) is "
+             "reported beside its verdicts.")] = None,
+    mode: Annotated[Literal["pairwise", "single"], typer.Option("--mode", help="pairwise (win rate against --baseline, both answer "
                                       "orders) or single (1-10 grade).")] = "pairwise",
-    turns: Annotated[str, typer.Option("--turns", help="first, or all (MT-bench's second turn is judged too, "
+    turns: Annotated[Literal["first", "all"], typer.Option("--turns", help="first, or all (MT-bench's second turn is judged too, "
                                        "as '<id>:turn2').")] = "first",
     answers: Annotated[str | None, typer.Option("--answers", help="Precomputed answers (Parquet: prompt_id, "
                                                 "model, response[, turn]) for models named in it.")] = None,
@@ -56,7 +68,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per answer.",
                                                 min=1)] = 512,
     seed: o.SeedOpt = 0,
-    engine: Annotated[str, typer.Option("--engine", help="Answer generation: hf, vllm or auto (as 'sera "
+    engine: Annotated[Literal["auto", "hf", "vllm"], typer.Option("--engine", help="Answer generation: hf, vllm or auto (as 'sera "
                                         "generate').")] = "auto",
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
@@ -65,6 +77,7 @@ def eval_command(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% interval.",
                                            min=0)] = 1000,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
+    chat_template: o.ChatTemplateOpt = None,
     json_out: o.JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     config_file: o.ConfigOpt = None,
@@ -77,29 +90,38 @@ def eval_command(
     """
     import json
 
+    from sera_cli.chat_templates import use_chat_template
     from sera_cli.console import console
     from sera_cli.evaluation.config import EvalConfig
     from sera_cli.evaluation.run import evaluate
     from sera_cli.evaluation.table import rich_table
     from sera_cli.hub import with_revision
 
+    use_chat_template(chat_template)
     judge = with_revision(judge, judge_revision, "--judge-revision", "--judge")
     config = EvalConfig(
         policies=tuple(policy), prompts=prompts, output_dir=output_dir, baseline=baseline, mode=mode, turns=turns,
         answers=answers, judge=judge, judge_url=judge_url, judge_model=judge_model,
         judge_api_key_env=judge_api_key_env, judge_concurrency=judge_concurrency, judge_retries=judge_retries,
         judge_timeout=judge_timeout, judge_max_tokens=judge_max_tokens, judge_batch_size=judge_batch_size,
-        judge_prefill=judge_prefill, temperature=temperature,
+        judge_prefill=judge_prefill, judge_reward=judge_reward, judge_reward_ref=judge_reward_ref, judge_rm=judge_rm,
+        judge_heldout=judge_heldout, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, engine=engine, dtype=dtype, device=device, batch_size=batch_size,
         bootstrap=bootstrap, trust_remote_code=trust_remote_code, progress=not quiet and not json_out)
     result = evaluate(config)
     if json_out:
         print(json.dumps({"summary": result.summary, "judgments": str(result.judgments), "judged": result.judged,
+                          "judge_heldout": result.judge_heldout,
                           "cached": result.cached, "generated": result.generated}, default=str))
         return
     console.print(rich_table(result.summary))
-    console.print("Win rate: ties count half; a win needs both answer orders to agree. LC win rate: the judge's "
+    order = ("a win is the larger reward" if config.judge_reward or config.judge_rm else
+             "a win needs both answer orders to agree")
+    console.print(f"Win rate: ties count half; {order}. LC win rate: the judge's "
                   "preference regressed on the answer-length difference, read at equal length.", soft_wrap=True)
+    if acc := result.judge_heldout:
+        console.print(f"judge's held-out accuracy: {acc['accuracy']:.1%} of {acc['pairs']:,} pairs of {acc['file']} "
+                      "(chosen rewarded above rejected)", soft_wrap=True)
     console.print(result.line(), soft_wrap=True)
 
 

@@ -12,7 +12,7 @@ from sera_cli import options as o
 def export(
     target: Annotated[str, typer.Argument(help="Where the data goes: trl (TRL's DPOTrainer).", show_default=False)],
     inputs: o.InputsArg,
-    output: o.OutputOpt = "trl.parquet",
+    output: o.OutputOpt = "-",
     drop_truncated: Annotated[bool, typer.Option(
         "--drop-truncated", help="Drop rows sera truncated (TRL truncates differently, so their stored numbers "
                                  "would not be TRL's) instead of refusing the file.")] = False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -28,7 +28,7 @@ def generate_command(
     max_redraws: Annotated[int, typer.Option("--max-redraws", help="Rounds of re-drawing for prompts whose "
                                              "responses repeat (or are empty); what is still missing is reported.",
                                              min=0)] = 3,
-    engine: Annotated[str, typer.Option("--engine", help="hf (transformers), vllm, or auto: vllm where it is "
+    engine: Annotated[Literal["auto", "hf", "vllm"], typer.Option("--engine", help="hf (transformers), vllm, or auto: vllm where it is "
                                         "installed and a GPU is present, else hf.")] = "auto",
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
@@ -52,21 +52,37 @@ def generate_command(
                                         "logp_policy, logp_ref, ntok, reward.")] = False,
     ref: o.RefOpt = None,
     ref_revision: o.RefRevisionOpt = None,
-    reward: Annotated[str, typer.Option("--reward", help="With --score: dpo (needs --ref), ipo (dpo averaged per token) or simpo.")] = "dpo",
+    reward: Annotated[Literal["dpo", "ipo", "simpo"], typer.Option("--reward", help="With --score: dpo (needs --ref), ipo (dpo averaged per token) or simpo.")] = "dpo",
     beta: o.BetaOpt = 0.1,
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
     cache: o.CacheOpt = None,
+    precision_check: Annotated[int | None, typer.Option(
+        "--precision-check", min=0,
+        help="With --score: rescore N random prompts' max/min pairs in float32 and record the noise floor, as "
+             "'sera score --precision-check' (default: 32 when the dtype is not float32, else 0).")] = None,
+    prev_policy: Annotated[str | None, typer.Option(
+        "--prev-policy",
+        help="With --score: the previous iteration's policy; each reward becomes lambda * r_prev + (1 - lambda) "
+             "* r_now, r_prev under (--prev-policy, --prev-ref) (SeRA Eq. 7 on generated samples).")] = None,
+    prev_ref: Annotated[str | None, typer.Option(
+        "--prev-ref", help="With --prev-policy: the previous iteration's reference.")] = None,
+    ensemble_lambda: Annotated[float, typer.Option(
+        "--ensemble-lambda", help="lambda of the ensemble with --prev-policy.")] = 0.3,
     ray: o.RayOpt = False,
     ray_address: o.RayAddressOpt = None,
     ray_actors: o.RayActorsOpt = None,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
+    chat_template: o.ChatTemplateOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Sample N distinct responses per prompt from the policy: one row per response (a candidates table).
 
     Example: sera generate prompts.parquet --policy pi1/ --n 4 --seed 1 -o candidates.parquet
     """
+    from sera_cli.chat_templates import use_chat_template
+
+    use_chat_template(chat_template)
     from sera_cli.chunk_store import parse_shard
     from sera_cli.console import console
     from sera_cli.generation.config import GenerateConfig
@@ -83,16 +99,18 @@ def generate_command(
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, chunk_prompts=chunk_prompts,
         resume=resume, shard=parse_shard(shard), trust_remote_code=trust_remote_code, progress=not quiet,
         score=score, ref=ref, reward=reward, beta=beta, max_length=max_length, max_prompt_length=max_prompt_length,
-        cache=cache, ray_address=address(ray, ray_address), ray_actors=ray_actors)
+        cache=cache, ray_address=address(ray, ray_address), ray_actors=ray_actors, precision_check=precision_check,
+        prev_policy=prev_policy, prev_ref=prev_ref, ensemble_lambda=ensemble_lambda)
     if line := (ray_generate if config.ray_address else generate)(config).line():  # empty on the other ranks of a launch
         console.print(line, soft_wrap=True)
 
 
 PANELS = {
     o.IO: ("output", "split", "subset", "config_file", "quiet"),
-    o.MODELS: ("policy", "revision", "max_length", "max_prompt_length", "trust_remote_code"),
+    o.MODELS: ("policy", "revision", "max_length", "max_prompt_length", "trust_remote_code", "chat_template"),
     "Sampling": ("n", "temperature", "top_p", "max_new_tokens", "seed", "max_redraws"),
-    o.REWARD: ("score", "ref", "ref_revision", "reward", "beta"),
+    o.REWARD: ("score", "ref", "ref_revision", "reward", "beta", "prev_policy", "prev_ref", "ensemble_lambda",
+               "precision_check"),
     o.PERFORMANCE: ("engine", "dtype", "device", "batch_size", "cache_tokens", "tensor_parallel_size",
                     "gpu_memory_utilization", "enforce_eager", "cache"),
     o.RESUME: ("chunk_prompts", "resume", "shard", "ray", "ray_address", "ray_actors"),

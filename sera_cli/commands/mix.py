@@ -13,7 +13,7 @@ def mix(
     offline: Annotated[str, typer.Option("--offline", help="Scored (selected) offline pairs, Parquet.")],
     generated: Annotated[str | None, typer.Option(
         "--generated", help="Pairs built from generated candidates (sera select --pairs), Parquet.")] = None,
-    output: OutputOpt = "train.parquet",
+    output: OutputOpt = "-",
     k1: K1Opt = 0.7,
     k2: K2Opt = 0.3,
     n: Annotated[int | None, typer.Option(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -13,6 +13,11 @@ from sera_cli.trackers import TRACKERS
 Int = int | None
 Float = float | None
 Str = str | None
+# fixed choices, typed as choices (the same as pipeline.config.METHODS, LOSSES: tests/test_help.py)
+Method = Literal["sera", "sera-select", "dpo", "iterative-dpo"]
+Loss = Literal["dpo", "ipo", "slic", "simpo", "cdpo", "rdpo"]
+Engine = Literal["auto", "hf", "vllm"]
+EvalMode = Literal["pairwise", "single"]
 
 
 def _opt(flag: str, help: str, **kw: Any):
@@ -36,12 +41,11 @@ def run(
     split: o.SplitOpt = None,
     subset: o.SubsetOpt = None,
     config: Annotated[Str, _opt("--config", "TOML file with any of these settings; flags override it.")] = None,
-    method: Annotated[Str, _opt("--method", "sera, sera-select (k2 = 0), iterative-dpo or dpo.")] = None,
+    method: Annotated[Method | None, _opt("--method", "sera, sera-select (k2 = 0), iterative-dpo or dpo.")] = None,
     policy: Annotated[Str, _opt("--policy", "pi_0, the SFT policy: HF folder, Hub id, .gguf, adapter or "
-                                            "'smollm2-135m'.", metavar="MODEL")]
+                                            "'smollm2-135m'.")]
     = None,
-    revision: Annotated[Str, _opt("--revision", "Hub revision of --policy: the same as --policy org/name@REV.",
-                                  metavar="REV")] = None,
+    revision: Annotated[Str, _opt("--revision", "Hub revision of --policy: the same as --policy org/name@REV.")] = None,
     workdir: Annotated[Str, _opt("--workdir", "Where every stage's output is kept. A rerun skips the stages that are up to date.")] = None,
     iterations: Annotated[Int, _opt("--iterations", "Iterations T.")] = None,
     k1: Annotated[Float, _opt("--k1", "Fraction of the offline rows kept by IRM each iteration.")]
@@ -51,7 +55,7 @@ def run(
     n: Annotated[Int, _opt("--n", "Responses generated per prompt.")] = None,
     ensemble_lambda: Annotated[Float, _opt("--ensemble-lambda", "Weight of the previous IRM in the ensemble (Eq. 7).")]
     = None,
-    loss: Annotated[Str, _opt("--loss", "dpo, ipo, slic, simpo, cdpo or rdpo.")] = None,
+    loss: Annotated[Loss | None, _opt("--loss", "dpo, ipo, slic, simpo, cdpo or rdpo.")] = None,
     beta: Annotated[Float, _opt("--beta", "Implicit-reward scale beta.")] = None,
     eps: Annotated[Float, _opt("--eps", "cdpo and rdpo: the assumed label-flip rate.")] = None,
     cross_fit: Annotated[Int, _opt("--cross-fit", "Cross-fitted IRM: score each of K folds of the offline data "
@@ -67,7 +71,7 @@ def run(
     = None,
     temperature: Annotated[Float, _opt("--temperature", "Sampling temperature.")] = None,
     top_p: Annotated[Float, _opt("--top-p", "Nucleus sampling mass.")] = None,
-    engine: Annotated[Str, _opt("--engine", "Generation engine: auto, hf or vllm.")] = None,
+    engine: Annotated[Engine | None, _opt("--engine", "Generation engine: auto, hf or vllm.")] = None,
     lr: Annotated[Float, _opt("--lr", "Learning rate.")] = None,
     batch_size: Annotated[Int, _opt("--batch-size", "Pairs per optimizer step.")] = None,
     micro_batch: Annotated[Int, _opt("--micro-batch", "Pairs per forward pass.")] = None,
@@ -75,13 +79,15 @@ def run(
     lora_r: Annotated[Int, _opt("--lora-r", "LoRA rank; 0 is full fine-tuning.")] = None,
     report_to: Annotated[Str, _opt("--report-to", f"Log each train stage's steps to {', '.join(TRACKERS[1:])} or "
                                                   "none, as 'sera train --report-to'.",
-                                   callback=o.choice("--report-to", TRACKERS), metavar="TRACKER")] = None,
+                                   callback=o.choice("--report-to", TRACKERS))] = None,
     logging_dir: Annotated[Str, _opt("--logging-dir", "The trackers' folder, one subfolder per train stage "
-                                                      "(none: beside each model).", metavar="DIR")] = None,
+                                                      "(none: beside each model).")] = None,
     dtype: Annotated[Str, _opt("--dtype", "dtype of every model (scoring, generation, training): auto "
-                                          "(float32 on CPU), float32, bfloat16 or float16.", callback=o.check_dtype, metavar="DTYPE")] = None,
-    device: Annotated[Str, _opt("--device", "auto, cpu, cuda or cuda:N.", callback=o.check_device,
-                                metavar="DEVICE")] = None,
+                                          "(float32 on CPU), float32, bfloat16 or float16.", callback=o.check_dtype)] = None,
+    precision_check: Annotated[Int, _opt("--precision-check", "Score stages: rescore N random pairs in float32 "
+                                                              "and record the IRM's noise floor (none: 32 unless "
+                                                              "the dtype is float32).")] = None,
+    device: Annotated[Str, _opt("--device", "auto, cpu, cuda or cuda:N.", callback=o.check_device)] = None,
     max_length: Annotated[Int, _opt("--max-length", "Most tokens of prompt+response.")] = None,
     max_prompt_length: Annotated[Int, _opt("--max-prompt-length", "Most prompt tokens.")] = None,
     batch_tokens: Annotated[Int, _opt("--batch-tokens", "Padded tokens per scoring batch.")] = None,
@@ -90,7 +96,7 @@ def run(
     ray: Annotated[bool, typer.Option("--ray", help="Run the score and generate stages on this machine's Ray "
                                                     "(as 'sera score --ray').")] = False,
     ray_address: Annotated[Str, _opt("--ray-address", "Run the score and generate stages on the Ray cluster at "
-                                                      "ADDR (as 'sera score --ray-address').", metavar="ADDR")] = None,
+                                                      "ADDR (as 'sera score --ray-address').")] = None,
     ray_actors: Annotated[Int, _opt("--ray-actors", "Actors of the Ray stages (none: one per GPU, else 2).")] = None,
     eval: Annotated[Str, _opt("--eval", "Prompts file (as for 'sera eval --prompts'): judge pi_t against pi_0 "
                                         "at the end of each iteration.")] = None,
@@ -98,12 +104,13 @@ def run(
                                           "'smollm2-135m').")] = None,
     judge_url: Annotated[Str, _opt("--judge-url", "Judge for --eval: an OpenAI-compatible endpoint.")] = None,
     judge_model: Annotated[Str, _opt("--judge-model", "The model name --judge-url serves.")] = None,
-    eval_mode: Annotated[Str, _opt("--eval-mode", "pairwise (win rate against pi_0) or single (1-10).")] = None,
+    eval_mode: Annotated[EvalMode | None, _opt("--eval-mode", "pairwise (win rate against pi_0) or single (1-10).")] = None,
     eval_max_new_tokens: Annotated[Int, _opt("--eval-max-new-tokens", "Most new tokens per evaluated answer.")]
     = None,
     judge_max_tokens: Annotated[Int, _opt("--judge-max-tokens", "Most tokens of a judge's reply.")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Print and write the report at the end.")]
     = True,
+    chat_template: o.ChatTemplateOpt = None,
 ) -> None:
     """Run SeRA (Algorithm 1) or a baseline for T iterations in a resumable workdir, then print the report.
 
@@ -117,11 +124,13 @@ def run(
 
     Example: sera run trl-lib/ultrafeedback_binarized --split 'train[:2000]' --workdir runs/uf
     """
+    from sera_cli.chat_templates import use_chat_template
     from sera_cli.hub import with_revision
     from sera_cli.ray_stages import address
 
+    use_chat_template(chat_template)
     flags = {k: v for k, v in locals().items() if k not in ("config", "report", "revision", "with_revision", "ray",
-                                                            "address")}
+                                                            "address", "chat_template", "use_chat_template")}
     flags["data"] = tuple(data) if data else None
     flags["ray_address"] = address(ray, ray_address)
     flags["policy"] = with_revision(policy, revision)
@@ -130,7 +139,7 @@ def run(
 
 def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where the demo keeps its files.")] = "sera-demo",
-    method: Annotated[str, typer.Option("--method", help="sera, sera-select, iterative-dpo or dpo.")] = "sera",
+    method: Annotated[Method, typer.Option("--method", help="sera, sera-select, iterative-dpo or dpo.")] = "sera",
 ) -> None:
     """Run a small SeRA on SmolLM2-135M and the embedded demo set (under 10 minutes on 2 CPU cores).
 
@@ -138,6 +147,9 @@ def demo(
 
     Example: sera demo --workdir sera-demo
     """
+    from sera_cli.chat_templates import use_chat_template
+
+    use_chat_template(None)
     _run(None, {"workdir": workdir, "method": method}, True)
 
 
@@ -170,22 +182,23 @@ def _run(config_file: str | None, flags: dict[str, Any], report: bool) -> None:
         console.print(f"interrupted: the finished stages are kept in {config.workdir}; run the same command "
                       "again to go on from there")
         raise typer.Exit(130) from None
-    if report:
-        from sera_cli import report as rep
-
-        files = rep.write([config.workdir])
-        console.print(rep.rich_table(files.reports))
-        console.print(f"report: {files.markdown}, figure: {files.figure}")
     console.print(summary.line())
+    if report:  # the table on stdout, then the workdir and what to run next (sera_cli.run_output)
+        from pathlib import Path
+
+        from sera_cli.run_output import print_report
+
+        print_report(Path(config.workdir))
 
 
 PANELS = {
     o.IO: ("config", "split", "subset", "workdir", "report", "report_to", "logging_dir"),
     "Method": ("method", "iterations", "k1", "k2", "n", "ensemble_lambda", "cross_fit", "heldout", "rows", "seed"),
-    o.MODELS: ("policy", "revision", "max_length", "max_prompt_length"),
+    o.MODELS: ("policy", "revision", "max_length", "max_prompt_length", "chat_template"),
     "Loss and training": ("loss", "beta", "eps", "lr", "batch_size", "micro_batch", "epochs", "lora_r"),
     "Generation": ("gen_prompts", "max_new_tokens", "temperature", "top_p", "engine"),
-    o.PERFORMANCE: ("dtype", "device", "batch_tokens", "cache", "ray", "ray_address", "ray_actors"),
+    o.PERFORMANCE: ("dtype", "precision_check", "device", "batch_tokens", "cache", "ray", "ray_address",
+                    "ray_actors"),
     "Evaluation": ("eval", "judge", "judge_url", "judge_model", "eval_mode", "eval_max_new_tokens",
                    "judge_max_tokens"),
 }

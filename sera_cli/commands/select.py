@@ -11,7 +11,7 @@ from sera_cli.options import ConfigOpt, InputsArg, OutputOpt
 
 def select(
     inputs: InputsArg,
-    output: OutputOpt = "selected.parquet",
+    output: OutputOpt = "-",
     top: Annotated[float | None, typer.Option(
         "--top", help="Keep this fraction of the rows with the largest IRM (paper: k1 = 0.7).")] = None,
     count: Annotated[int | None, typer.Option("--count", help="Keep this many rows instead.", min=0)] = None,
@@ -43,6 +43,8 @@ def select(
         p = summary.pairs
         built = (f"built {p.pairs:,} pairs from {p.prompts:,} prompts (dropped {p.too_few:,} with fewer than two "
                  f"distinct responses, {p.all_equal:,} with all rewards equal); ")
+    if summary.warning:
+        console.print(summary.warning, soft_wrap=True)
     cut = f" ({config.by} >= {summary.choice.cutoff:.4g})" if summary.choice.cutoff is not None else ""
     console.print(f"{built}kept {summary.rows_out:,} of {summary.rows_in:,} rows{cut} -> {output}", soft_wrap=True)
 

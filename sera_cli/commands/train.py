@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -35,7 +35,7 @@ def train_command(
     live_ref: Annotated[bool, typer.Option("--live-ref", help="Run the reference model every step instead (the slow "
                                    "baseline; for comparisons).")] = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 5e-7,
-    schedule: Annotated[str, typer.Option("--schedule", help="After warmup: linear, cosine or constant.")] = "linear",
+    schedule: Annotated[Literal["linear", "cosine", "constant"], typer.Option("--schedule", help="After warmup: linear, cosine or constant.")] = "linear",
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Fraction of steps of linear warmup.")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases, norms).")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip gradients to this norm; 0: no "
@@ -58,7 +58,7 @@ def train_command(
     dtype: Annotated[str, typer.Option("--dtype", help="The policy's compute dtype (its weights stay float32): "
                                "auto (bfloat16 autocast on a GPU or on a CPU with AVX512_BF16 or AMX, else "
                                "float32), float32, bfloat16 or float16. A reference computed here loads in it too "
-                               "(auto: as 'score' resolves it).", callback=o.check_dtype, metavar="DTYPE")] = "auto",
+                               "(auto: as 'score' resolves it).", callback=o.check_dtype)] = "auto",
     device: o.DeviceOpt = "auto",
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
@@ -67,20 +67,23 @@ def train_command(
                                  "in OUTPUT.partial.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
+    chat_template: o.ChatTemplateOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     report_to: Annotated[str, typer.Option(
         "--report-to", help="Log each step's loss, reward accuracy and learning rate to an experiment tracker "
                             f"through accelerate: {', '.join(TRACKERS[1:])} or none (install its package; "
                             "offline modes such as WANDB_MODE=offline work).",
-        callback=o.choice("--report-to", TRACKERS), metavar="TRACKER")] = "none",
+        callback=o.choice("--report-to", TRACKERS))] = "none",
     logging_dir: Annotated[str | None, typer.Option(
-        "--logging-dir", help="The tracker's folder (default: OUTPUT-runs beside the model folder).",
-        metavar="DIR")] = None,
+        "--logging-dir", help="The tracker's folder (default: OUTPUT-runs beside the model folder).")] = None,
 ) -> None:
     """Train the policy one epoch with a direct alignment loss, reusing the reference log-probs of 'sera score'.
 
     Example: sera train scored.parquet --policy smollm2-135m --ref smollm2-135m --lr 1e-6 -o pi1/
     """
+    from sera_cli.chat_templates import use_chat_template
+
+    use_chat_template(chat_template)
     from sera_cli.console import console
     from sera_cli.hub import with_revision
     from sera_cli.hub_data import with_split
@@ -107,7 +110,7 @@ def train_command(
 PANELS = {
     o.IO: ("output", "split", "subset", "config_file", "overwrite", "quiet", "report_to", "logging_dir"),
     o.MODELS: ("policy", "ref", "revision", "ref_revision", "max_length", "max_prompt_length", "lora_r",
-               "lora_alpha", "save_adapter", "trust_remote_code"),
+               "lora_alpha", "save_adapter", "trust_remote_code", "chat_template"),
     "Loss": ("loss", "beta", "delta", "gamma", "eps", "recompute_ref", "trust_stored_ref", "live_ref"),
     "Optimisation": ("lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "epochs",
                      "max_steps", "seed"),

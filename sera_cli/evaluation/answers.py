@@ -118,9 +118,17 @@ def given_answers(path: str, models: list[str], questions: list[Question]) -> di
                          hint="--answers needs prompt_id, model, response (and optionally turn)")
     rows = table.to_pylist()
     found: dict[str, dict[tuple[str, int], str]] = {}
-    for r in rows:
-        if r["model"] in models:
-            found.setdefault(r["model"], {})[(str(r["prompt_id"]), int(r.get("turn") or 1))] = r["response"] or ""
+    where: dict[tuple[str, str, int], int] = {}
+    for i, r in enumerate(rows):
+        if r["model"] not in models:
+            continue
+        key = (r["model"], *_answer_key(path, i, r))
+        if key in where:
+            raise InputError(path, f"answers question {key[1]!r} (turn {key[2]}) of model {key[0]!r} again (also "
+                                   f"row {where[key]})", row=i, column="prompt_id",
+                             hint="give one answer per model, question and turn")
+        where[key] = i
+        found.setdefault(r["model"], {})[key[1:]] = r["response"]
     out = {}
     for model, answers in found.items():
         per_q = {}
@@ -133,3 +141,20 @@ def given_answers(path: str, models: list[str], questions: list[Question]) -> di
             per_q[q.question_id] = turns
         out[model] = per_q
     return out
+
+
+def _answer_key(path: str, row: int, r: dict) -> tuple[str, int]:
+    """(question id, turn) of one row of an --answers file, whose response must be a text: a null id, turn or
+    answer is an error naming the row, not an empty answer or question 'None'."""
+    pid, response = r["prompt_id"], r["response"]
+    turn = 1 if r.get("turn") is None else r["turn"]  # no turn (column or value): a single-turn answer
+    if pid is None or pid != pid or (isinstance(pid, str) and not pid.strip()):
+        raise InputError(path, "is null, NaN or empty", row=row, column="prompt_id", hint="give the question's id")
+    if not isinstance(response, str):
+        raise InputError(path, "is null" if response is None else f"is {type(response).__name__}, not a text",
+                         row=row, column="response", hint="give the answer's text ('' for an empty answer)")
+    if isinstance(turn, bool) or not (isinstance(turn, int) or (isinstance(turn, float) and
+                                                      turn.is_integer())) or turn < 1:
+        raise InputError(path, f"is {turn!r}; expected a turn number 1, 2, ...", row=row, column="turn",
+                         hint="give the 1-based turn, or drop the column for single-turn answers")
+    return str(pid), int(turn)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sera_cli.cache_db import cache_errors
 from sera_cli.hashing import digest
 
 FILE = "judgments.sqlite"
@@ -26,24 +27,27 @@ class JudgmentCache:
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / FILE
-        self.db = sqlite3.connect(self.path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT, template TEXT, "
-                        "text TEXT NOT NULL, at TEXT)")
-        self.db.commit()
+        with cache_errors(self.path):
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT, template "
+                            "TEXT, text TEXT NOT NULL, at TEXT)")
+            self.db.commit()
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            q = f"SELECT key, text FROM judgments WHERE key IN ({','.join('?' * len(part))})"
-            out.update(self.db.execute(q, part).fetchall())
+        with cache_errors(self.path):
+            for start in range(0, len(keys), 500):
+                part = keys[start:start + 500]
+                q = f"SELECT key, text FROM judgments WHERE key IN ({','.join('?' * len(part))})"
+                out.update(self.db.execute(q, part).fetchall())
         return out
 
     def put(self, key: str, judge: str, template: str, text: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?)",
-                        (key, judge, template, text, time.strftime("%Y-%m-%dT%H:%M:%S")))
-        self.db.commit()
+        with cache_errors(self.path):
+            self.db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?)",
+                            (key, judge, template, text, time.strftime("%Y-%m-%dT%H:%M:%S")))
+            self.db.commit()
 
     def close(self) -> None:
         self.db.close()

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sera_cli.errors import ConfigError
+from sera_cli.numbers import config_problems
 
 MODES = ("pairwise", "single")
 
@@ -31,6 +32,11 @@ class EvalConfig:
     judge_max_tokens: int = 512
     judge_batch_size: int = 16  # local judge: prompts per generate call (and per cache commit)
     judge_prefill: str = ""  # local judge: the start of its reply (e.g. "[[")
+    # or a reward judge (`reward_judge`): a DPO model's implicit reward, or a sequence-classification reward model
+    judge_reward: str | None = None
+    judge_reward_ref: str | None = None
+    judge_rm: str | None = None
+    judge_heldout: str | None = None  # preference pairs: a reward judge's own accuracy, reported beside its verdicts
     # answer generation (the generate stage's engines)
     temperature: float = 0.0
     max_new_tokens: int = 512
@@ -49,7 +55,7 @@ class EvalConfig:
 
     def check(self) -> None:
         """Every problem with the settings at once, as one ConfigError."""
-        p = []
+        p = config_problems(self)
         if not self.policies:
             p.append("give at least one --policy")
         if self.mode not in MODES:
@@ -58,12 +64,22 @@ class EvalConfig:
             p.append("--mode pairwise needs --baseline (the model every policy is compared with, e.g. the SFT model)")
         if self.turns not in ("first", "all"):
             p.append(f"--turns {self.turns}: expected first or all")
-        if self.judge_url and self.judge:
-            p.append("give either --judge (a local model) or --judge-url with --judge-model, not both")
+        rewarded = bool(self.judge_reward or self.judge_rm)
+        if sum(map(bool, (self.judge, self.judge_url, self.judge_reward, self.judge_rm))) > 1:
+            p.append("give one judge: --judge (a local model), --judge-url with --judge-model, --judge-reward with "
+                     "--judge-reward-ref, or --judge-rm")
         elif self.judge_url and not self.judge_model:
             p.append("--judge-url needs --judge-model (the model name the endpoint serves)")
-        elif not self.judge_url and not self.judge:
+        elif not (self.judge_url or self.judge or rewarded):
             p.append("give a judge: --judge MODEL (local) or --judge-url URL --judge-model NAME")
+        if self.judge_reward and not self.judge_reward_ref:
+            p.append("--judge-reward needs --judge-reward-ref (the reference the DPO model was trained from)")
+        if self.judge_reward_ref and not self.judge_reward:
+            p.append("--judge-reward-ref is used only with --judge-reward")
+        if self.judge_heldout and not rewarded:
+            p.append("--judge-heldout measures a reward judge: give --judge-reward or --judge-rm")
+        if rewarded and self.mode != "pairwise":
+            p.append("a reward judge compares answers with the baseline's: use --mode pairwise")
         if self.judge_prefill and self.judge_url:
             p.append("--judge-prefill applies to a local judge (--judge), not to --judge-url")
         if self.judge_model and not self.judge_url:

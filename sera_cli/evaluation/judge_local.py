@@ -42,14 +42,17 @@ class LocalJudge:
         """The judge's tokenizer (loaded once, checked for a chat template); the model is not loaded."""
         if self._tok is None:
             from sera_cli.generation.prompts import stop_ids
-            from sera_cli.models import load_tokenizer, model_context
+            from sera_cli.models import load_config, load_tokenizer, model_context
 
-            tok = load_tokenizer(self.ref, self.trust_remote_code)
+            tok = load_tokenizer(self.ref, self.trust_remote_code, own_template=True)
             if not tok.chat_template:
                 raise ModelError(f"judge {self.spec}: its tokenizer has no chat template; a judge must be a chat "
                                  "(instruct) model, or serve one behind --judge-url")
             self.stops = stop_ids(self.ref.path, tok, chat=True)
             self.context = model_context(self.ref, self.trust_remote_code)
+            cfg = load_config(self.ref, self.trust_remote_code)
+            vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
+            self.vocab = vocab if isinstance(vocab, int) else None  # checked per prompt, before any work
             self._tok = tok
         return self._tok
 
@@ -71,6 +74,9 @@ class LocalJudge:
             merged = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
             text = tok.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
         ids = tok(text + self.prefill, add_special_tokens=False)["input_ids"]
+        if ids and self.vocab is not None and max(ids) >= self.vocab:
+            raise ModelError(f"judge {self.spec}: token id {max(ids):,} of a judge prompt has no embedding (vocab_size "
+                             f"{self.vocab:,} in its config.json); the model's config and tokenizer do not match")
         if self.context and len(ids) + self.max_tokens > self.context:
             raise ModelError(f"judge {self.spec}: a judge prompt has {len(ids):,} tokens; with --judge-max-tokens "
                              f"{self.max_tokens} that exceeds its context of {self.context:,} (lower "

@@ -81,7 +81,7 @@ def _records(path: str) -> list[dict[str, Any]]:
         from sera_cli.io import read_parquet
 
         return read_parquet(path).to_pylist()
-    text = p.read_text(encoding="utf-8")
+    text = _read_text(path)
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -100,6 +100,29 @@ def _records(path: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError as err:
         raise InputError(path, f"not JSON or JSONL: {err.msg} at line {err.lineno}",
                          hint=f"give Parquet or JSON(L) with {FORMATS}") from None
+    except RecursionError:
+        raise InputError(path, "its JSON is nested too deep", hint=f"give Parquet or JSON(L) with {FORMATS}") from None
+
+
+def _read_text(path: str) -> str:
+    """A JSON(L) prompts file as text: UTF-8, gzip-compressed or not; a folder or undecodable bytes are errors."""
+    import gzip
+    import zlib
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(path, "is a folder, not a prompts file", hint=f"give Parquet or JSON(L) with {FORMATS}")
+    try:
+        data = p.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as err:
+        raise InputError(path, f"cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"is not UTF-8 text (byte {err.start})",
+                         hint=f"save it as UTF-8, or give Parquet or JSON(L) with {FORMATS}") from None
 
 
 def _text(path: str, row: int, rec: dict, column: str) -> str:

@@ -35,8 +35,13 @@ class Template:
 
 @cache
 def templates() -> dict[str, Template]:
-    path = Path(__file__).resolve().parent.parent / "eval_templates" / "judge_prompts.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_templates(Path(__file__).resolve().parent.parent / "eval_templates" / "judge_prompts.jsonl")
+
+
+def read_templates(path: Path) -> dict[str, Template]:
+    """A judge-prompt file in FastChat's format (one JSON object a line: `name`, `system_prompt`,
+    `prompt_template` with `{question}`, `{answer_a}`... fields, and FastChat's other keys, unused here)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return {r["name"]: Template(r["name"], r["system_prompt"], r["prompt_template"]) for r in rows}
 
 

@@ -20,11 +20,12 @@ import pyarrow as pa
 from sera_cli import provenance
 from sera_cli.evaluation import protocol, stats
 from sera_cli.evaluation.answers import Generation, generated_answers, given_answers, label
+from sera_cli.evaluation.cache import FILE as JUDGMENTS_FILE
 from sera_cli.evaluation.cache import JudgmentCache, judgment_key
 from sera_cli.evaluation.config import EvalConfig
 from sera_cli.evaluation.prompts import Question, read_questions
 from sera_cli.hashing import file_digest
-from sera_cli.io import write_parquet
+from sera_cli.io import check_writable, inputs_of, refuse_overwrite, write_parquet
 
 JUDGMENTS = pa.schema([("question_id", pa.string()), ("model", pa.string()), ("baseline", pa.string()),
                        ("order", pa.string()), ("judge", pa.string()), ("verdict", pa.string()),
@@ -61,6 +62,7 @@ class EvalResult:
     judged: int = 0  # judgments made by this run
     cached: int = 0  # judgments taken from the cache
     seconds_judging: float = 0.0
+    judge_heldout: dict[str, Any] | None = None  # a reward judge's accuracy on held-out pairs (--judge-heldout)
 
     def line(self) -> str:
         gen = sum(self.generated.values())
@@ -149,7 +151,7 @@ def judge_missing(judge, jobs: list[Job], cache: JudgmentCache, progress: bool) 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                   disable=not progress) as bar:
-        task = bar.add_task(f"judging ({judge.name})", total=len(pending), rate="")
+        task = bar.add_task(f"judging ({judge.name})", total=len(pending), rate="", unit="judgments")
 
         def on_result(i: int, text: str) -> None:
             cache.put(pending[i].key, judge.name, pending[i].template, text)
@@ -209,9 +211,27 @@ def summarise(jobs: list[Job], rows: list[dict[str, Any]], mode: str, judge_name
     return out
 
 
+def check_outputs(config: EvalConfig) -> None:
+    """Fail before any work when the output folder cannot be written, or when anything written in it (the two
+    tables, the judgment cache, the answer cache folder) would replace an input of the eval (`io.inputs_of`:
+    --prompts, --answers, the model folders, --config)."""
+    out = Path(config.output_dir)
+    cache = Path(config.cache_dir) if config.cache_dir else out
+    inputs = inputs_of(config)
+    refuse_overwrite(out, inputs)  # -o question.jsonl
+    for name in (out / "judgments.parquet", out / "summary.parquet", cache / JUDGMENTS_FILE):
+        check_writable(str(name), inputs)
+    refuse_overwrite(cache / "answers", inputs, folder=True)
+
+
 def evaluate(config: EvalConfig) -> EvalResult:
     """Run the whole eval (resuming from the caches) and write judgments.parquet and summary.parquet."""
+    if config.judge_reward or config.judge_rm:  # a reward, not an LLM's reply, decides (`reward_judge`)
+        from sera_cli.evaluation.reward_judge import evaluate_by_reward
+
+        return evaluate_by_reward(config)
     config.check()
+    check_outputs(config)
     questions = read_questions(config.prompts, config.turns)
     out = Path(config.output_dir)
     cache_dir = Path(config.cache_dir) if config.cache_dir else out

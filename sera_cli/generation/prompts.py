@@ -57,6 +57,26 @@ def prompt_tokens(tok, prompt: Any) -> list[int]:
     return render(tok, prompt, [])[0]
 
 
+def tokenize_prompts(tok, inputs: Inputs, prompts: Prompts, start: int, stop: int) -> tuple[list[list[int]], int]:
+    """Token ids of prompts[start:stop] (as `prompt_tokens`) and how many had their system turn folded into the
+    first user turn; a prompt the chat template cannot format is a one-line error naming its row."""
+    from sera_cli.chat_templates import template_problem, warn_double_bos
+    from trainers.encode import TemplateError, render_rows
+
+    tokens, folded, double = [], 0, []
+    for i in range(start, stop):
+        try:
+            ids, _, f, d = render_rows(tok, prompts.texts[i], [])
+        except TemplateError as err:
+            raise template_problem(err, *inputs.locate(prompts.rows[i])) from None
+        tokens.append(ids)
+        folded += f
+        if d:
+            double.append(prompts.rows[i])
+    warn_double_bos(tok, double, inputs.locate)
+    return tokens, folded
+
+
 def check_lengths(inputs: Inputs, prompts: Prompts, tokens: list[list[int]], max_new_tokens: int,
                   context: int | None) -> None:
     """Every prompt plus `max_new_tokens` fits the model's context; else a one-line error naming the row."""

@@ -22,19 +22,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sera_cli import provenance
-from sera_cli.chunk_store import ChunkStore, chunk_key, progress, shard_record, shard_rows, token_digest
+from sera_cli.chat_templates import FOLDED
+from sera_cli.chunk_store import (
+    ChunkStore,
+    chunk_key,
+    progress,
+    shard_record,
+    shard_rows,
+    token_digest,
+    with_rows,
+)
 from sera_cli.console import console
 from sera_cli.errors import ConfigError
 from sera_cli.generation.config import GenerateConfig
 from sera_cli.generation.prompts import (
     Prompts,
     check_lengths,
-    prompt_tokens,
     read_prompts,
     stop_ids,
+    tokenize_prompts,
 )
 from sera_cli.generation.sampling import Request, collect, trim
-from sera_cli.io import Inputs, check_writable, read_inputs, write_parquet
+from sera_cli.io import Inputs, check_folder_writable, check_writable, inputs_of, read_inputs, write_parquet
 
 COLUMNS = ("prompt_id", "prompt", "response", "sample_idx", "finish_reason", "ntok", "id")
 # A finished chunk on disk: `index` is the prompt's place among the run's distinct prompts.
@@ -90,7 +99,9 @@ def _generate_one(config: GenerateConfig, cluster=None) -> GenerateSummary:
     """One process's run; `cluster` (`ray_stages.RayCluster`, the Ray path) generates the chunks on its actors."""
     t0 = time.perf_counter()
     config.check()
-    check_writable(config.output, config.inputs)
+    check_writable(config.output, inputs_of(config))
+    if config.cache:
+        check_folder_writable(config.cache, [i for i in inputs_of(config) if i != config.cache], what="--cache")
     with ChunkStore(config.output, "generate", config.resume) as store:
         return _generate(config, store, t0, cluster)
 
@@ -98,7 +109,9 @@ def _generate_one(config: GenerateConfig, cluster=None) -> GenerateSummary:
 def _generate(config: GenerateConfig, store: ChunkStore, t0: float, cluster=None) -> GenerateSummary:
     from sera_cli.lineage import parents
     from sera_cli.models import (
+        check_context,
         check_same_tokenizer,
+        check_same_vocab,
         load_tokenizer,
         model_context,
         resolve,
@@ -112,10 +125,18 @@ def _generate(config: GenerateConfig, store: ChunkStore, t0: float, cluster=None
     if config.score and config.ref:  # before generating: a mismatch found after it would waste the run
         ref_tok = load_tokenizer(resolve(config.ref), config.trust_remote_code)
         check_same_tokenizer(tok, ref_tok, config.policy, config.ref)
+        check_same_vocab(ref, resolve(config.ref), config.trust_remote_code)
+    if config.score and config.prev_policy:  # the previous pair's models too, before any work
+        for spec in (config.prev_policy, config.prev_ref):
+            if spec:
+                check_same_tokenizer(tok, load_tokenizer(resolve(spec), config.trust_remote_code), config.policy,
+                                     spec)
     start, stop = shard_rows(len(prompts.ids), config.chunk_prompts, config.shard)
-    tokens = [prompt_tokens(tok, p) for p in prompts.texts[start:stop]]
+    tokens, folded = tokenize_prompts(tok, inputs, prompts, start, stop)
     context = model_context(ref, config.trust_remote_code)
     check_lengths(inputs, _slice(prompts, start, stop), tokens, config.max_new_tokens, context)
+    check_context([ref], [0] * len(tokens), lambda i: inputs.locate(prompts.rows[start + i]),
+                  config.trust_remote_code, max_ids=[max(t, default=0) for t in tokens])  # ids with embeddings
     stops = stop_ids(ref.path, tok, chat=prompts.kind == "conversational")
     engine_id = cluster.engine_identity() if cluster else engine_identity(config)
     work = _Work(config, store, prompts, start, stop, tokens, stops, tok, identity={
@@ -133,8 +154,10 @@ def _generate(config: GenerateConfig, store: ChunkStore, t0: float, cluster=None
         "generate", {k: v for k, v in config.as_dict().items() if k != "progress"},
         models={"policy": ref.identity()}, engine=engine_id, sampling=config.sampling(), stop_ids=stops,
         prompts=stop - start, responses=table.num_rows, shortfall={"prompts": short, "missing": missing},
-        **({"shard": shard_record(list(prompts.ids), config.chunk_prompts, config.shard)} if config.shard else {}),
-        parents=parents(inputs), **({"ray": cluster.record()} if cluster else {}))
+        **({"shard": with_rows(shard_record(list(prompts.ids), config.chunk_prompts, config.shard), table)}
+           if config.shard else {}),
+        parents=parents(inputs), **({"ray": cluster.record()} if cluster else {}),
+        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}))
     table = provenance.attach(table, prov)
     if config.score:
         table = _score(config, table, cluster)
@@ -227,7 +250,7 @@ class _Work:
         engine = open_engine()
         total = sum(self._end(c) - c for c in todo)
         with progress(self.config.progress, counts=True) as bar:
-            task = bar.add_task(f"generating ({engine.name})", total=total, rate="")
+            task = bar.add_task(f"generating ({engine.name})", total=total, rate="", unit="prompts")
             t0 = time.perf_counter()
             for c in todo:
                 self._chunk(engine, c, bar, task, t0)
@@ -263,7 +286,7 @@ class _Work:
             self.new_tokens += sum(len(trim(g, self.stops, cfg.max_new_tokens)[0]) for g in generated)
             self.prompts_done += len(generated) / cfg.n if first_round else 0
             dt = max(time.perf_counter() - t0, 1e-9)
-            rate = f"{self.prompts_done / dt:,.2f} prompts/s {self.new_tokens / dt:,.0f} tok/s"
+            rate = f"{self.prompts_done / dt:,.2f} prompts/s ({self.new_tokens / dt:,.0f} new tokens/s)"
             bar.update(task, completed=self.prompts_done, rate=rate)
 
         def draw(draws) -> list[list[Sample]]:
@@ -321,7 +344,22 @@ def _score(config: GenerateConfig, table: pa.Table, cluster=None) -> pa.Table:
                      reward=config.reward, beta=config.beta,
                      dtype=config.dtype, device=config.device, max_length=config.max_length,
                      max_prompt_length=config.max_prompt_length, cache=config.cache, resume=config.resume,
-                     trust_remote_code=config.trust_remote_code, progress=config.progress)
+                     trust_remote_code=config.trust_remote_code, progress=config.progress,
+                     precision_check=config.precision_check)
     shard = (provenance.read(table) or {}).get("shard")
+    if config.prev_policy:  # Eq. 7 on the candidates: reward = lambda * r_prev + (1 - lambda) * r_now
+        from dataclasses import replace
+
+        from sera_cli.chunk_store import ChunkStore
+        from sera_cli.ensemble import ensembled_rewards
+
+        sp = replace(sc, policy=config.prev_policy, ref=config.prev_ref)
+        with ChunkStore(config.output, "score-prev", config.resume) as store:  # its own resumable chunks
+            before, _ = (cluster.score_table(table, sp, shard, store=store) if cluster else
+                         score_table(table, sp, None, shard=shard, store=store))
+            store.finish()
+        scored, _ = cluster.score_table(table, sc, shard) if cluster else score_table(table, sc, None, shard=shard)
+        return ensembled_rewards(scored, before, config.ensemble_lambda, {"policy": config.prev_policy,
+                                                                          "ref": config.prev_ref})
     scored, _ = cluster.score_table(table, sc, shard) if cluster else score_table(table, sc, inputs=None, shard=shard)
     return scored

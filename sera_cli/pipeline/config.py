@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sera_cli.errors import ConfigError
+from sera_cli.numbers import number_problem
 from sera_cli.trackers import TRACKERS
 
 METHODS = ("sera", "sera-select", "dpo", "iterative-dpo")
@@ -58,6 +59,7 @@ class RunConfig:
     logging_dir: str | None = None  # the trackers' folder, one subfolder per train stage (None: beside each model)
     # models and lengths
     dtype: str = "auto"
+    precision_check: int | None = None  # score stages: pairs rescored in float32 (None: 32 unless float32)
     device: str = "auto"
     max_length: int = 1024
     max_prompt_length: int = 512
@@ -141,12 +143,16 @@ class RunConfig:
             p.append(f"engine must be auto, hf or vllm (got {self.engine!r})")
         if self.eval and not (self.judge or self.judge_url):
             p.append("eval needs a judge: judge (a local model) or judge-url with judge-model")
+        if not self.eval and (self.judge or self.judge_url):
+            p.append("judge and judge-url are used only with eval (a prompts file): give eval, or drop them")
         if self.judge_url and not self.judge_model:
             p.append("judge-url needs judge-model (the model name the endpoint serves)")
         if self.eval_mode not in ("pairwise", "single"):
             p.append(f"eval-mode must be pairwise or single (got {self.eval_mode!r})")
         if self.ray_actors is not None and self.ray_actors < 1:
             p.append(f"ray-actors must be >= 1 (got {self.ray_actors})")
+        if self.precision_check is not None and self.precision_check < 0:
+            p.append(f"precision-check must be >= 0 (got {self.precision_check})")
         if self.eval_max_new_tokens < 1 or self.judge_max_tokens < 1:
             p.append("eval-max-new-tokens and judge-max-tokens must be >= 1")
         if p:
@@ -245,4 +251,6 @@ def _type_problems(values: Mapping[str, Any], source: Mapping[str, str]) -> dict
         }[want]
         if not ok:
             out[k] = f"{k.replace('_', '-')} must be {want.replace(' | None', '')} (got {v!r} from {source[k]})"
+        elif (problem := number_problem(k, v)) is not None:  # NaN, inf, a seed < 0, an int beyond 64 bits
+            out[k] = f"{k.replace('_', '-')}: {problem} (from {source[k]})"
     return out

@@ -8,7 +8,9 @@
     WORKDIR/iter-t/selected.parquet   its top k1 by IRM
     WORKDIR/iter-t/prompts.parquet    the training prompts to generate for (a seeded sample with --gen-prompts)
     WORKDIR/iter-t/candidates.parquet N responses per prompt from pi_{t-1}
-    WORKDIR/iter-t/candidates_scored.parquet  their rewards under (pi_{t-1}, pi_{t-2})
+    WORKDIR/iter-t/candidates_scored.parquet  their rewards under (pi_{t-1}, pi_{t-2}); from t = 3 (methods
+                                      with the ensemble), lambda * that under (pi_{t-2}, pi_{t-3}) + (1 - lambda) * it
+    WORKDIR/iter-t/candidates_scored_prev.parquet  t >= 3: their rewards under (pi_{t-2}, pi_{t-3})
     WORKDIR/iter-t/pairs.parquet      max-vs-min reward pair per prompt, top k2 by IRM
     WORKDIR/iter-t/mixed.parquet      selected + pairs: what pi_t trains on
     WORKDIR/iter-t/reference.parquet  the training rows with their log-probs under pi_{t-1} (the reference)
@@ -62,6 +64,9 @@ class Layout:
 
     def candidates_scored(self, t: int) -> Path:
         return self.iteration(t) / "candidates_scored.parquet"
+
+    def candidates_prev_scored(self, t: int) -> Path:
+        return self.iteration(t) / "candidates_scored_prev.parquet"
 
     def pairs(self, t: int) -> Path:
         return self.iteration(t) / "pairs.parquet"

@@ -6,7 +6,8 @@ model exists yet, so every IRM would be zero). Iteration t >= 2 (methods that se
     score    the offline data with (pi_{t-1}, pi_{t-2}); IRM ensembled with the previous one (lambda, Eq. 7)
     select   the top k1 by IRM
     generate N responses per prompt with pi_{t-1}
-    reward   them with (pi_{t-1}, pi_{t-2})
+    reward   them with (pi_{t-1}, pi_{t-2}); from t = 3 also with (pi_{t-2}, pi_{t-3}), and ensembled:
+             lambda * r_prev + (1 - lambda) * r_now per candidate (Eq. 7, applied to generated samples too)
     pair     max- vs min-reward response per prompt; keep the top k2 (as a fraction of the offline rows)
     mix      selected + pairs
     train    pi_t from pi_{t-1}, reference pi_{t-1}
@@ -59,7 +60,9 @@ def _score_settings(config: RunConfig, **extra: Any) -> dict[str, Any]:
 
 
 def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: Path, policy: str, ref: str,
-                 title: str, prev: Path | None = None) -> Stage:
+                 title: str, prev: Path | None = None, cost: bool = False) -> Stage:
+    """Score `data` with (policy, ref), ensembled with `prev`; with `cost`, the record also says the process's
+    peak memory after the stage (the ensemble's price, in the run's report)."""
     use_ref = stage_configs.reward(config) != "simpo"
     sc = stage_configs.score_config(config, lay, data=data, output=output, policy=policy, ref=ref, prev=prev)
     inputs = {"data": str(data), "policy": policy, **({"ref": ref} if use_ref else {})}
@@ -69,9 +72,23 @@ def _score_stage(key: str, config: RunConfig, lay: Layout, data: Path, output: P
 
     def run() -> dict:
         s = _scored(sc)
-        return {"rows": s.rows, "computed": s.computed, "cached": s.cached, "truncated": s.truncated}
+        out = {"rows": s.rows, "computed": s.computed, "cached": s.cached, "truncated": s.truncated}
+        if cost:
+            out["peak_memory_mib"] = peak_memory_mib()
+        return out
 
     return Stage(key, output, inputs, settings, run, title)
+
+
+def peak_memory_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where the platform does not say)."""
+    try:
+        import resource
+        import sys
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _scored(sc):
@@ -122,8 +139,10 @@ def _reference_stage(config: RunConfig, lay: Layout, data: Path, t: int) -> Stag
                  f"reference log-probs of pi_{t - 1} on the training rows (from the cache where known)")
 
 
-def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) -> Iterator[Stage]:
-    """Generate N responses per prompt with pi_{t-1}, reward them with (pi_{t-1}, pi_{t-2}), keep the top k2."""
+def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int, ensemble: bool = False) -> Iterator[Stage]:
+    """Generate N responses per prompt with pi_{t-1}, reward them with (pi_{t-1}, pi_{t-2}), keep the top k2.
+    With `ensemble` (from t = 3), the rewards are lambda * r_prev + (1 - lambda) * r_now, r_prev under
+    (pi_{t-2}, pi_{t-3}) (Eq. 7): the max/min pairing and the top k2 rank by the ensembled margin."""
     pol, ref = model_spec(lay, config, t - 1), model_spec(lay, config, t - 2)
     yield Stage(f"iter-{t}/prompts", lay.prompts(t), {"train": str(lay.train)},
                 {"gen_prompts": config.gen_prompts, "seed": config.seed},
@@ -142,8 +161,17 @@ def _bootstrap_stages(config: RunConfig, lay: Layout, t: int, n_offline: int) ->
     yield Stage(f"iter-{t}/generate", lay.candidates(t), {"prompts": str(lay.prompts(t)), "policy": pol},
                 {"sampling": gc.sampling(), "engine": config.engine, "dtype": config.dtype}, generate,
                 f"generate {config.n} responses per prompt with pi_{t - 1}")
+    prev = None
+    if ensemble and t >= 3:
+        prev = lay.candidates_prev_scored(t)
+        yield _score_stage(f"iter-{t}/reward-prev", config, lay, lay.candidates(t), prev, ref,
+                           model_spec(lay, config, t - 3),
+                           f"reward the candidates with (pi_{t - 2}, pi_{t - 3}), for the ensemble (Eq. 7)",
+                           cost=True)
     yield _score_stage(f"iter-{t}/reward", config, lay, lay.candidates(t), lay.candidates_scored(t), pol, ref,
-                       f"reward the candidates with (pi_{t - 1}, pi_{t - 2})")
+                       f"reward the candidates with (pi_{t - 1}, pi_{t - 2})"
+                       + (f", ensemble with (pi_{t - 2}, pi_{t - 3}) (lambda {config.ensemble_lambda})" if prev
+                          else ""), prev)
     keep = math.floor(config.k2 * n_offline + 1e-9)
     sel = stage_configs.pair_config(candidates=lay.candidates_scored(t), output=lay.pairs(t), count=keep)
 
@@ -219,7 +247,7 @@ def _iteration(config: RunConfig, lay: Layout, m: Method, t: int, n_offline: int
                     f"select the top k1 = {config.k1} by IRM")
         k2 = config.k2 if m.bootstrap else 0.0
         if m.bootstrap:
-            yield from _bootstrap_stages(config, lay, t, n_offline)
+            yield from _bootstrap_stages(config, lay, t, n_offline, m.ensemble)
         mc = stage_configs.mix_config(config, selected=lay.selected(t), pairs=lay.pairs(t) if m.bootstrap else None,
                                       output=lay.mixed(t), k2=k2, n=n_offline, t=t)
 
@@ -281,12 +309,13 @@ def check_start(config: RunConfig) -> None:
     """What can fail before the workdir is made: a file in its place, missing data files, an unknown policy."""
     from sera_cli.errors import InputError
     from sera_cli.hub_data import is_dataset_name
-    from sera_cli.io import STDIO, expand
+    from sera_cli.io import STDIO, check_folder_writable, expand, read_schema
     from sera_cli.models import resolve
 
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise InputError(config.workdir, "is a file; --workdir names the folder the run keeps its files in")
+    check_folder_writable(config.workdir, what="--workdir")  # before the model is resolved (and perhaps converted)
     for path in expand(list(data_files(config.data))):
         if is_dataset_name(path):
             continue  # a Hub dataset split, read (or refused in one line) by the split stage
@@ -294,6 +323,11 @@ def check_start(config: RunConfig) -> None:
             problem = ("cannot be read from standard input: a run reads its data again on resume" if path == STDIO
                        else "is a folder, not a Parquet file" if Path(path).is_dir() else "no such file")
             raise InputError(path, problem, hint="give the offline pairs as Parquet files ('sera convert' makes them)")
+        read_schema(path)  # a file that is not Parquet fails here, before the run starts
+    if config.logging_dir:
+        from sera_cli.io import inputs_of
+
+        check_folder_writable(config.logging_dir, inputs_of(config), what="logging-dir")
     resolve(config.policy)
 
 
@@ -303,10 +337,10 @@ def run(config: RunConfig, on_stage: Callable[[Stage, str, Any], None] | None = 
     `on_stage(stage, event, record)` is called with event "start" (record None) before a stage runs, then with
     "ran" or "skipped" and the stage's record in run.json (its summary, seconds, hashes).
     """
-    from sera_cli.io import refuse_overwrite
+    from sera_cli.io import inputs_of, refuse_overwrite
 
     t0 = time.perf_counter()
-    refuse_overwrite(config.workdir, (*config.data, config.policy), folder=True)  # stages replace files in it
+    refuse_overwrite(config.workdir, inputs_of(config), folder=True)  # stages replace files in it
     check_start(config)
     lay = Layout(Path(config.workdir))
     lay.root.mkdir(parents=True, exist_ok=True)

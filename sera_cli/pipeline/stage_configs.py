@@ -35,7 +35,7 @@ def score_config(run: RunConfig, lay: Layout, *, data: Path, output: Path, polic
     return ScoreConfig(inputs=(str(data),), output=str(output), policy=policy, ref=ref if r != "simpo" else None,
                        reward=r, beta=run.beta, prev=str(prev) if prev else None,
                        ensemble_lambda=run.ensemble_lambda, prev_missing="current", dtype=run.dtype,
-                       device=run.device, max_length=run.max_length, max_prompt_length=run.max_prompt_length,
+                       precision_check=run.precision_check, device=run.device, max_length=run.max_length, max_prompt_length=run.max_prompt_length,
                        batch_tokens=run.batch_tokens, cache=_cache(run, lay), resume=True,
                        trust_remote_code=run.trust_remote_code, ray_address=run.ray_address,
                        ray_actors=run.ray_actors)
@@ -46,7 +46,7 @@ def reference_config(run: RunConfig, lay: Layout, *, data: Path, output: Path, r
     from sera_cli.score_config import ScoreConfig
 
     return ScoreConfig(inputs=(str(data),), output=str(output), policy=ref, reward="simpo", dtype=run.dtype,
-                       device=run.device, max_length=run.max_length, max_prompt_length=run.max_prompt_length,
+                       precision_check=0, device=run.device, max_length=run.max_length, max_prompt_length=run.max_prompt_length,
                        batch_tokens=run.batch_tokens, cache=_cache(run, lay), resume=True,
                        trust_remote_code=run.trust_remote_code, ray_address=run.ray_address,
                        ray_actors=run.ray_actors)
