@@ -489,6 +489,15 @@ import accelerate, torch, transformers, trainers.loop, sera_cli.score, sera_cli.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 AutoTokenizer.from_pretrained(sys.argv[1])  # resolves transformers' lazy modules; runs no torch op
 print("ready", flush=True)
+
+
+def inject(code):
+    # every rename of a finished temporary over its target fails, as on a full disk (tests/test_faults.py)
+    def failing(src, dst, *a, **k):
+        raise OSError(code, os.strerror(code), str(dst))
+    os.replace = failing
+
+
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
@@ -503,6 +512,8 @@ for line in sys.stdin:
                 f = os.open(path, flags, 0o644)
                 os.dup2(f, fd)
                 os.close(f)
+            if req.get("inject"):
+                inject(req["inject"])
             sys.argv = ["sera", *req["argv"]]
             try:
                 sera_cli.app.main()
@@ -557,10 +568,12 @@ class Zygote:
         assert ready, f"no answer within {timeout} s"
         return self.proc.stdout.readline().strip()
 
-    def run(self, argv: list[str], cwd: Path, env: dict[str, str], stdin: Path | None) -> tuple[int, bytes, bytes]:
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str], stdin: Path | None = None,
+            inject: int = 0) -> tuple[int, bytes, bytes]:
+        """Run `sera argv` in a fork; `inject` (an errno) makes every rename of a finished output fail with it."""
         out, err = cwd.parent / "stdout", cwd.parent / "stderr"
         req = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": str(stdin or os.devnull), "stdout": str(out),
-               "stderr": str(err)}
+               "stderr": str(err), "inject": inject}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self._line(180))["code"]

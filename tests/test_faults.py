@@ -24,10 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import test_bad_input
-from tests.test_bad_input import ROOT, ROOT_CAN_DROP, _drop_dac_override, _env, _pairs, _snapshot
+from tests.test_bad_input import ROOT_CAN_DROP, Zygote, _env, _pairs, _snapshot
 
 models = test_bad_input.models  # the session fixture of tiny models (and broken copies) the bad-input cases use
 
@@ -217,80 +214,6 @@ def workspace(tmp_path_factory, models) -> Path:
 
 # ------------------------------------------------------------------------------------------------ the runner
 
-ZYGOTE = r"""
-import errno, json, os, sys, traceback
-import sera_cli.app
-import accelerate, torch, transformers, trainers.loop, sera_cli.score, sera_cli.generation.run
-from transformers import AutoTokenizer
-AutoTokenizer.from_pretrained(sys.argv[1])
-print("ready", flush=True)
-
-
-def inject(code):
-    # every rename of a finished temporary over its target fails, as on a full disk
-    def failing(src, dst, *a, **k):
-        raise OSError(code, os.strerror(code), str(dst))
-    os.replace = failing
-
-
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(req["cwd"])
-            os.environ.clear()
-            os.environ.update(req["env"])
-            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_CREAT),
-                                    (2, req["stderr"], os.O_WRONLY | os.O_CREAT)):
-                f = os.open(path, flags, 0o644)
-                os.dup2(f, fd)
-                os.close(f)
-            if req.get("inject"):
-                inject(req["inject"])
-            sys.argv = ["sera", *req["argv"]]
-            try:
-                sera_cli.app.main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-
-class Zygote:
-    def __init__(self, tokenizer: str, cache: Path):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, tokenizer], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=_env(cache), cwd=ROOT,
-                                     preexec_fn=_drop_dac_override if ROOT_CAN_DROP else None)
-        assert self._line(300) == "ready", "the zygote did not start"
-
-    def _line(self, timeout: float) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, f"no answer within {timeout} s"
-        return self.proc.stdout.readline().strip()
-
-    def run(self, argv: list[str], cwd: Path, env: dict[str, str], inject: int = 0) -> tuple[int, bytes, bytes]:
-        out, err = cwd.parent / "stdout", cwd.parent / "stderr"
-        req = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err), "inject": inject}
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        code = json.loads(self._line(300))["code"]
-        return code, out.read_bytes(), err.read_bytes()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-
 @pytest.fixture(scope="session")
 def fault_zygote(models, tmp_path_factory):
     z = Zygote(models["policy"], tmp_path_factory.mktemp("faults-zygote-cache"))
@@ -411,7 +334,7 @@ def test_fault(case: Case, request, tmp_path, workspace, fault_zygote, models):
     watched = [Path(models["policy"]), Path(models["ref"])]
     models_before = [_snapshot(d) for d in watched]
     try:
-        code, stdout, stderr_bytes = fault_zygote.run(_argv(case.command, values), work, _env(cache), inject)
+        code, stdout, stderr_bytes = fault_zygote.run(_argv(case.command, values), work, _env(cache), inject=inject)
     finally:
         for p in (work / "ro", work / "locked.parquet"):
             if p.exists():
