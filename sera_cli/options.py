@@ -61,6 +61,11 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option(
 ChatTemplateOpt = Annotated[str | None, typer.Option(
     "--chat-template", help="Chat template for message rows: a Jinja file, or a model folder to take it from "
                             "(default: the tokenizer's own).")]
+PrecisionCheckOpt = Annotated[int | None, typer.Option(
+    "--precision-check", min=0,
+    help="Rescore N random pairs (seed 0; for candidates, random prompts' max/min pairs) in float32 and record the "
+         "IRM's sign agreement, median error and noise floor in the output's provenance (default: 32 when the dtype "
+         "is not float32, else 0).")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Keep the finished chunks of an interrupted run with the same inputs and settings.")]
 ShardOpt = Annotated[str | None, typer.Option(

@@ -57,10 +57,7 @@ def generate_command(
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
     cache: o.CacheOpt = None,
-    precision_check: Annotated[int | None, typer.Option(
-        "--precision-check", min=0,
-        help="With --score: rescore N random prompts' max/min pairs in float32 and record the noise floor, as "
-             "'sera score --precision-check' (default: 32 when the dtype is not float32, else 0).")] = None,
+    precision_check: o.PrecisionCheckOpt = None,
     prev_policy: Annotated[str | None, typer.Option(
         "--prev-policy",
         help="With --score: the previous iteration's policy; each reward becomes lambda * r_prev + (1 - lambda) "

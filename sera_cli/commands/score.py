@@ -30,10 +30,7 @@ def score_command(
     prev_missing: Annotated[Literal["error", "current"], typer.Option("--prev-missing", help="Rows absent from --prev: 'error' or "
                                               "'current' (use the current IRM).")] = "error",
     dtype: o.DtypeOpt = "auto",
-    precision_check: Annotated[int | None, typer.Option(
-        "--precision-check", min=0,
-        help="Rescore N random pairs (seed 0) in float32 and record the IRM's sign agreement, median error and "
-             "noise floor in the output's provenance (default: 32 when the dtype is not float32, else 0).")] = None,
+    precision_check: o.PrecisionCheckOpt = None,
     device: o.DeviceOpt = "auto",
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
