@@ -46,7 +46,7 @@ def _tiny_llama(path: Path, tokenizer_dir: str, seed: int, layers: int = 2) -> P
 @pytest.fixture(scope="session")
 def smol():
     """The embedded SmolLM2-135M-Instruct, converted once to a safetensors folder (cached)."""
-    from sera_cli.models import resolve
+    from sera_cli.backends.models import resolve
 
     return resolve("smollm2-135m")
 
@@ -91,8 +91,8 @@ def chat_pairs_file(tmp_path) -> str:
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
     """The standard pairs scored by `sera score` with the tiny policy and reference (ref log-prob columns)."""
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     folder = tmp_path_factory.mktemp("scored")
     pq.write_table(standard_table(), folder / "pairs.parquet")

@@ -97,7 +97,7 @@ def _roles(role: str) -> pa.Table:
 
 
 def _prev(irm: list) -> pa.Table:
-    from sera_cli.contract import with_ids
+    from sera_cli.data.contract import with_ids
 
     ids = with_ids(standard_table()).column("id")
     return pa.table({"id": ids, "irm": irm})
@@ -163,8 +163,8 @@ def models(tmp_path_factory, tiny_policy, tiny_ref) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def scored_runs(tmp_path_factory, models) -> dict[str, str]:
     """Real `sera score` outputs (provenance included): the pairs scored against two references, and two shards."""
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     root = tmp_path_factory.mktemp("bad-scored")
     pq.write_table(_pairs(), root / "pairs.parquet")
@@ -480,12 +480,12 @@ CASES: list[Case] = [
 
 # Cases run in forks of one process that has imported sera, torch and transformers once (a "zygote"): each
 # fork changes into the case's folder, takes the case's environment, redirects its stdin, stdout and stderr to
-# files and calls `sera_cli.app.main()`, the `sera` entry point; its exit status is the case's exit code. This
+# files and calls `sera_cli.commands.app.main()`, the `sera` entry point; its exit status is the case's exit code. This
 # is a real process with real file descriptors, without paying the heavy imports ~100 times.
 ZYGOTE = r"""
 import json, os, sys, traceback
-import sera_cli.app
-import accelerate, torch, transformers, trainers.loop, sera_cli.score, sera_cli.generation.run
+import sera_cli.commands.app
+import accelerate, torch, transformers, trainers.loop, sera_cli.stages.score.api, sera_cli.stages.generate.api
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 AutoTokenizer.from_pretrained(sys.argv[1])  # resolves transformers' lazy modules; runs no torch op
 print("ready", flush=True)
@@ -516,7 +516,7 @@ for line in sys.stdin:
                 inject(req["inject"])
             sys.argv = ["sera", *req["argv"]]
             try:
-                sera_cli.app.main()
+                sera_cli.commands.app.main()
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
@@ -655,7 +655,7 @@ def test_the_entry_point_in_its_own_process(tmp_path):
 
 def test_cases_cover_every_command():
     covered = {c.argv[0] for c in CASES}
-    from sera_cli.app import COMMANDS
+    from sera_cli.commands.app import COMMANDS
 
     assert {m.__name__.rsplit(".", 1)[-1] for m in COMMANDS} <= covered
 
@@ -675,8 +675,8 @@ def test_no_progress_bar_when_not_a_tty(models, tmp_path, zygote):
 
 def test_train_ref_compares_resolved_dtype(models, scored_runs, tmp_path):
     """Scores made with --dtype auto on CPU are float32: `train --dtype float32 --ref` takes them as they are."""
-    from sera_cli.models import load_tokenizer, resolve
-    from sera_cli.train_data import plan_reference, read_pairs
+    from sera_cli.backends.models import load_tokenizer, resolve
+    from sera_cli.stages.train.data import plan_reference, read_pairs
     from trainers import TrainConfig
 
     config = TrainConfig(inputs=(scored_runs["ref-a"],), output=str(tmp_path / "out"), policy=models["policy"],
@@ -692,8 +692,8 @@ def test_prev_missing_current_stands_in_for_non_finite_previous_irm(models, tmp_
     """With --prev-missing current, a NaN, inf or null previous IRM counts as missing: irm_prev = irm_now."""
     import numpy as np
 
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     pq.write_table(_pairs(), tmp_path / "pairs.parquet")
     prev = [0.5, float("nan"), float("inf"), None, -0.5, 1.0]
@@ -711,8 +711,8 @@ def test_prev_missing_current_stands_in_for_non_finite_previous_irm(models, tmp_
 
 def test_rows_with_the_same_content_get_distinct_ids():
     """The stated rule: the k-th repeat of a row's content (k >= 2) gets '-k' after the content hash."""
-    from sera_cli.contract import with_ids
-    from sera_cli.hashing import row_id
+    from sera_cli.data.contract import with_ids
+    from sera_cli.data.hashing import row_id
 
     table = pa.table({"prompt": ["p", "q", "p", "p"], "chosen": ["a", "a", "a", "a"], "rejected": ["b"] * 4})
     base = row_id("p", "a", "b")

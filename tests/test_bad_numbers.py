@@ -24,8 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from sera_cli.errors import ConfigError, InputError, ModelError
-from sera_cli.numbers import INT_MAX, NON_FINITE_OK, SEED_MAX, number_problem
+from sera_cli.data.errors import ConfigError, InputError, ModelError
+from sera_cli.data.numbers import INT_MAX, NON_FINITE_OK, SEED_MAX, number_problem
 
 # ------------------------------------------------------------------------------- the one validator, generated
 
@@ -33,7 +33,7 @@ from sera_cli.numbers import INT_MAX, NON_FINITE_OK, SEED_MAX, number_problem
 def _commands():
     import typer.main
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     group = typer.main.get_command(app)
     return {name: cmd for name, cmd in group.commands.items()}
@@ -56,7 +56,7 @@ def _dummy_args(cmd, skip: str) -> list[str]:
 
 def _usage_error(argv: list[str]) -> str:
     """The one line `sera` prints for `argv` (as `app.main` formats it), which must be a usage error (exit 2)."""
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     result = CliRunner().invoke(app, argv, standalone_mode=False)
     err = result.exception
@@ -135,7 +135,7 @@ def test_bools_and_texts_are_not_numbers():
 
 
 def test_run_config_reports_every_non_finite_setting(tmp_path):
-    from sera_cli.pipeline.config import build
+    from sera_cli.stages.run.config import build
 
     toml = tmp_path / "run.toml"
     toml.write_text('data = ["x.parquet"]\nbeta = nan\nlr = inf\ntemperature = -inf\nseed = -3\n'
@@ -151,9 +151,9 @@ def test_run_config_reports_every_non_finite_setting(tmp_path):
 
 def test_stage_configs_given_through_the_python_api_refuse_non_finite_numbers():
     """The library's own configs check too (no option parsing stands before them), every problem at once."""
-    from sera_cli.generation.config import GenerateConfig
-    from sera_cli.score_config import ScoreConfig
-    from sera_cli.select import SelectConfig
+    from sera_cli.stages.generate.config import GenerateConfig
+    from sera_cli.stages.score.config import ScoreConfig
+    from sera_cli.stages.select.api import SelectConfig
     from trainers import TrainConfig
 
     nan, inf = float("nan"), float("inf")
@@ -173,14 +173,14 @@ def test_stage_configs_given_through_the_python_api_refuse_non_finite_numbers():
 
 
 def _inputs(table: pa.Table, name: str = "in.parquet"):
-    from sera_cli.io import Inputs, Source
+    from sera_cli.data.tables import Inputs, Source
 
     return Inputs(table, [Source(name, 0, table.num_rows, None)])
 
 
 def test_two_nan_ids_are_not_unique():
     """NaN != NaN: without its own check, two NaN ids pass a uniqueness check made of equality."""
-    from sera_cli.contract import check_ids
+    from sera_cli.data.contract import check_ids
 
     with pytest.raises(InputError) as err:
         check_ids(_inputs(pa.table({"id": [1.0, float("nan"), float("nan")]})))
@@ -188,7 +188,7 @@ def test_two_nan_ids_are_not_unique():
 
 
 def test_flipped_labels_null_or_nan_are_refused_not_counted_clean():
-    from sera_cli.column_values import flags
+    from sera_cli.stages.inspect.column_values import flags
 
     assert flags(pa.table({"f": [True, False]}), "f", "x").tolist() == [True, False]
     assert flags(pa.table({"f": [1, 0, 1]}), "f", "x").tolist() == [True, False, True]
@@ -200,7 +200,7 @@ def test_flipped_labels_null_or_nan_are_refused_not_counted_clean():
 
 
 def test_report_refuses_null_flipped(tmp_path):
-    from sera_cli.report import _flipped
+    from sera_cli.stages.report.api import _flipped
 
     with pytest.raises(InputError, match=r"s\.parquet, row 2, column 'flipped': is null"):
         _flipped({"flipped": [False, True, None]}, tmp_path / "s.parquet")
@@ -209,8 +209,8 @@ def test_report_refuses_null_flipped(tmp_path):
 def test_prev_with_a_nan_id_is_refused(tmp_path):
     import numpy as np
 
-    from sera_cli.score import _read_prev
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.config import ScoreConfig
+    from sera_cli.stages.score.scoring import _read_prev
 
     pq.write_table(pa.table({"id": [0.0, float("nan")], "irm": [0.1, 0.2]}), tmp_path / "prev.parquet")
     config = ScoreConfig(inputs=("x",), output="o", policy="p", prev=str(tmp_path / "prev.parquet"))
@@ -229,7 +229,7 @@ def _answers(tmp_path: Path, rows: list[dict]) -> str:
 
 
 def _questions():
-    from sera_cli.evaluation.prompts import Question
+    from sera_cli.stages.eval.questions import Question
 
     return [Question("q1", ("Hi?",), None, None, {}), Question("q2", ("Bye?",), None, None, {})]
 
@@ -247,7 +247,7 @@ def _questions():
      "row 1, column 'turn': is nan; expected a turn number"),
 ])
 def test_answers_duplicate_or_null_are_refused(tmp_path, rows, message):
-    from sera_cli.evaluation.answers import given_answers
+    from sera_cli.stages.eval.answers import given_answers
 
     path = _answers(tmp_path, rows)
     with pytest.raises(InputError) as err:
@@ -256,7 +256,7 @@ def test_answers_duplicate_or_null_are_refused(tmp_path, rows, message):
 
 
 def test_answers_of_other_models_are_not_checked_and_good_ones_pass(tmp_path):
-    from sera_cli.evaluation.answers import given_answers
+    from sera_cli.stages.eval.answers import given_answers
 
     path = _answers(tmp_path, [{"prompt_id": "q1", "model": "m", "response": "a"},
                                {"prompt_id": "q2", "model": "m", "response": ""},
@@ -268,7 +268,7 @@ def test_answers_of_other_models_are_not_checked_and_good_ones_pass(tmp_path):
 
 
 def test_select_pairs_refuses_a_prompt_id_shared_by_two_prompts():
-    from sera_cli.candidate_pairs import build_pairs
+    from sera_cli.stages.select.candidate_pairs import build_pairs
 
     table = pa.table({"prompt_id": ["p0", "p0", "p1", "p1"], "prompt": ["a", "a", "b", "c"],
                       "response": ["x", "y", "z", "w"], "reward": [0.1, 0.2, 0.3, 0.4]})
@@ -284,8 +284,8 @@ def test_select_pairs_refuses_a_prompt_id_shared_by_two_prompts():
 
 def _shards(tmp_path: Path, with_own_digest: bool = True) -> list[Path]:
     """Two shards of a fake 6-row `score --shard i/2` job (3 rows each), as `score` records them."""
-    from sera_cli import provenance
-    from sera_cli.chunk_store import shard_record, with_rows
+    from sera_cli.data import provenance
+    from sera_cli.data.chunk_store import shard_record, with_rows
 
     ids = [f"r{i}" for i in range(6)]
     out = []
@@ -308,7 +308,7 @@ def _reorder(path: Path) -> None:
 
 @pytest.mark.parametrize("own_digest", [True, False])
 def test_merge_refuses_a_reordered_shard(tmp_path, own_digest):
-    from sera_cli.merge import merged
+    from sera_cli.stages.merge import merged
 
     paths = _shards(tmp_path, own_digest)
     table, _ = merged([str(p) for p in reversed(paths)])  # files in any order: shard order is restored
@@ -324,9 +324,9 @@ def test_merge_refuses_a_reordered_shard(tmp_path, own_digest):
 
 
 def test_merge_refuses_a_reordered_shard_of_a_real_score_job(tmp_path, tiny_policy, tiny_ref, pairs_file):
-    from sera_cli.merge import merged
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.merge import merged
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     paths = [tmp_path / f"s{i}.parquet" for i in range(2)]
     for i, path in enumerate(paths):
@@ -342,7 +342,7 @@ def test_merge_refuses_a_reordered_shard_of_a_real_score_job(tmp_path, tiny_poli
 
 
 def test_sql_json_has_no_infinity_or_nan_at_any_depth():
-    from sera_cli.sqlquery import as_json
+    from sera_cli.stages.sql import as_json
 
     table = pa.table({"x": [float("inf")], "m": pa.array([[("a", float("-inf"))]], pa.map_(pa.string(), pa.float64())),
                       "l": [[1.0, float("nan")]], "s": [{"v": float("nan")}]})
@@ -362,8 +362,8 @@ def test_sql_json_has_no_infinity_or_nan_at_any_depth():
                                           (b"\xff\xfe", "is not JSON"),
                                           (b"[" * 100_000 + b"]" * 100_000, "is not JSON (RecursionError)")])
 def test_malformed_provenance_is_one_line(tmp_path, raw, problem):
-    from sera_cli import lineage
-    from sera_cli.io import read_inputs
+    from sera_cli.data import lineage
+    from sera_cli.data.tables import read_inputs
 
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"sera": raw}), path)
@@ -373,8 +373,8 @@ def test_malformed_provenance_is_one_line(tmp_path, raw, problem):
 
 
 def test_corrupt_cache_databases_are_one_line(tmp_path):
-    from sera_cli.evaluation.cache import JudgmentCache
-    from sera_cli.logp_cache import LogpCache
+    from sera_cli.backends.logps.cache import LogpCache
+    from sera_cli.stages.eval.cache import JudgmentCache
 
     (tmp_path / "judgments.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x01" * 200)
     (tmp_path / "logps.sqlite").write_bytes(b"not a database" * 50)
@@ -387,7 +387,7 @@ def test_corrupt_cache_databases_are_one_line(tmp_path):
 
 
 def test_a_cached_log_prob_that_is_not_finite_is_computed_again(tmp_path):
-    from sera_cli.logp_cache import LogpCache
+    from sera_cli.backends.logps.cache import LogpCache
 
     cache = LogpCache(tmp_path, {"model": "m"})
     keys = cache.keys([([1, 2, 3], 1), ([4, 5], 1), ([6], 0)])
@@ -397,7 +397,7 @@ def test_a_cached_log_prob_that_is_not_finite_is_computed_again(tmp_path):
 
 
 def test_prompt_files_gzipped_are_read_and_broken_ones_are_one_line(tmp_path):
-    from sera_cli.evaluation.prompts import read_questions
+    from sera_cli.stages.eval.questions import read_questions
 
     (tmp_path / "q.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "Hi?"}\n'))
     assert [q.turns for q in read_questions(str(tmp_path / "q.jsonl.gz"))] == [("Hi?",)]
@@ -413,7 +413,7 @@ def test_prompt_files_gzipped_are_read_and_broken_ones_are_one_line(tmp_path):
 
 
 def test_adapter_chains_that_loop_are_refused(tmp_path, monkeypatch):
-    from sera_cli.models import resolve
+    from sera_cli.backends.models import resolve
 
     monkeypatch.chdir(tmp_path)
     for name, base in (("a", "b"), ("b", "a")):
@@ -428,7 +428,7 @@ def test_adapter_chains_that_loop_are_refused(tmp_path, monkeypatch):
 
 
 def test_an_adapter_on_an_adapter_is_refused_not_silently_dropped(tmp_path, tiny_policy, monkeypatch):
-    from sera_cli.models import resolve
+    from sera_cli.backends.models import resolve
 
     monkeypatch.chdir(tmp_path)
     for name, base in (("inner", tiny_policy), ("outer", "inner")):
@@ -440,8 +440,8 @@ def test_an_adapter_on_an_adapter_is_refused_not_silently_dropped(tmp_path, tiny
 
 
 def test_a_config_vocab_smaller_than_the_tokenizer_fails_before_work(tmp_path, tiny_policy, pairs_file):
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     small = tmp_path / "small-vocab"
     shutil.copytree(tiny_policy, small)
@@ -460,7 +460,7 @@ def test_a_config_vocab_smaller_than_the_tokenizer_fails_before_work(tmp_path, t
 
 
 def test_reply_content_as_a_list_of_text_parts_is_joined():
-    from sera_cli.evaluation.judge_reply import MalformedReply, reply_text
+    from sera_cli.backends.judges.reply import MalformedReply, reply_text
 
     def reply(content):
         return {"choices": [{"message": {"content": content}}]}
@@ -513,7 +513,7 @@ def _serve(raw: bytes) -> tuple[str, socket.socket]:
 
 @pytest.mark.parametrize("case", sorted(REPLIES))
 def test_malformed_endpoint_replies_are_one_line(case):
-    from sera_cli.evaluation.judge_http import HTTPJudge
+    from sera_cli.backends.judges.http import HTTPJudge
 
     url, listener = _serve(REPLIES[case])
     try:

@@ -8,9 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.chat_templates import ENV, read_chat_template, use_chat_template
-from sera_cli.errors import InputError
+from sera_cli.backends.chat_templates import ENV, read_chat_template, use_chat_template
+from sera_cli.commands.app import app
+from sera_cli.data.errors import InputError
 from trainers.encode import TemplateError, fold_system
 
 

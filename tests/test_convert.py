@@ -10,10 +10,10 @@ import pytest
 from conftest import SHARED
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.contract import check_pairs
-from sera_cli.io import read_inputs
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.data.contract import check_pairs
+from sera_cli.data.tables import read_inputs
 
 runner = CliRunner()
 HH = SHARED / "hh-rlhf"
@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_with_row_and_leaves_no_output(tmp_path):
 
 def test_implicit_prompt_strings_and_messages_as_trl_extracts_them(tmp_path):
     """TRL's implicit-prompt form: only chosen and rejected, both beginning with the prompt."""
-    from sera_cli.convert_layouts import prompt_end
+    from sera_cli.data.layouts import prompt_end
 
     assert prompt_end("Q: 2+2? A: 4", "Q: 2+2? A: 5") == len("Q: 2+2? A:")  # the space goes with the answer
     hh = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Colour?\n\nAssistant:"

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sera_cli.errors import ConfigError
-from sera_cli.pipeline import crossfit
-from sera_cli.pipeline.config import build
+from sera_cli.data.errors import ConfigError
+from sera_cli.stages.run import crossfit
+from sera_cli.stages.run.config import build
 
 
 def test_folds_are_balanced_seeded_and_keep_a_prompt_together():

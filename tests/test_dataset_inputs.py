@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.io import read_parquet
+from sera_cli.commands.app import app
+from sera_cli.data.tables import read_parquet
 
 datasets = pytest.importorskip("datasets")
 runner = CliRunner()

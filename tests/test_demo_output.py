@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.pipeline import loop
-from sera_cli.pipeline.loop import RunSummary
+from sera_cli.commands.app import app
+from sera_cli.stages.run import api as loop
+from sera_cli.stages.run.api import RunSummary
 from tests.test_report import make_run
 
 runner = CliRunner()
@@ -70,7 +70,7 @@ def test_the_three_next_commands_work_on_the_workdir(tmp_path, fake_loop):
 
 
 def test_a_workdir_without_flips_gets_a_query_without_them(tmp_path):
-    from sera_cli.run_output import next_commands
+    from sera_cli.commands.run_output import next_commands
 
     (tmp_path / "iter-1").mkdir()
     pq.write_table(pa.table({"irm": [0.5, -0.5, 1.0]}), tmp_path / "iter-1" / "heldout_scored.parquet")

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.ensemble import ensembled_rewards
-from sera_cli.pipeline.config import RunConfig
-from sera_cli.pipeline.layout import Layout
-from sera_cli.pipeline.loop import _iteration
-from sera_cli.pipeline.methods import METHODS
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.stages.run.api import _iteration
+from sera_cli.stages.run.config import RunConfig
+from sera_cli.stages.run.layout import Layout
+from sera_cli.stages.run.methods import METHODS
+from sera_cli.stages.score.ensemble import ensembled_rewards
 
 runner = CliRunner()
 
@@ -116,7 +116,7 @@ def test_run_rewards_candidates_with_the_previous_pair_from_iteration_3(tmp_path
         assert stages["reward"].settings["ensemble_lambda"] == 0.3
         from types import SimpleNamespace
 
-        from sera_cli.pipeline import loop
+        from sera_cli.stages.run import api as loop
 
         done = SimpleNamespace(rows=8, computed=16, cached=0, truncated=0)
         monkeypatch.setattr(loop, "_scored", lambda sc: done)
@@ -130,7 +130,7 @@ def test_run_rewards_candidates_with_the_previous_pair_from_iteration_3(tmp_path
 def test_the_report_shows_the_ensembles_time_and_memory(tmp_path):
     import json
 
-    from sera_cli import report
+    from sera_cli.stages.report import api as report
 
     root = tmp_path / "run"
     for t in (1, 2, 3):
@@ -145,3 +145,19 @@ def test_the_report_shows_the_ensembles_time_and_memory(tmp_path):
     got = {row[0]: row[1:] for row in rows}
     assert got["ensemble of candidates: time (s)"] == ["-", "-", "42"]
     assert got["ensemble of candidates: peak memory (MiB)"] == ["-", "-", "1234"]
+
+
+def test_a_candidate_missing_from_the_previous_rewards_is_one_line_naming_its_row():
+    import pyarrow as pa
+    import pytest
+
+    from sera_cli.data.errors import InputError
+    from sera_cli.stages.score.ensemble import ensembled_rewards
+
+    now = pa.table({"id": ["a", "b", "c"], "reward": [1.0, 2.0, 3.0]})
+    prev = pa.table({"id": ["a", "c"], "reward": [0.0, 0.0]})
+    with pytest.raises(InputError, match=r"cands\.parquet.*row 1.*candidate b has no reward under the previous "
+                                         r"models \(1 of 3 candidates\)"):
+        ensembled_rewards(now, prev, 0.3, source="cands.parquet")
+    out = ensembled_rewards(now.slice(0, 1), prev, 0.3)
+    assert out.column("reward").to_pylist() == [0.7]  # 0.3 * 0 + 0.7 * 1

@@ -1,6 +1,6 @@
 """The one-line error helpers every process boundary uses (launch ranks, Ray actors, loaders)."""
 
-from sera_cli.errors import InputError, described, first_line
+from sera_cli.data.errors import InputError, described, first_line
 
 
 def test_first_line_skips_blank_lines_and_falls_back_to_the_type():

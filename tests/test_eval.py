@@ -20,13 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.errors import ConfigError, InputError, ModelError
-from sera_cli.evaluation import protocol, stats
-from sera_cli.evaluation.cache import JudgmentCache
-from sera_cli.evaluation.config import EvalConfig
-from sera_cli.evaluation.prompts import read_questions
-from sera_cli.evaluation.run import evaluate, plan
+from sera_cli.commands.app import app
+from sera_cli.data.errors import ConfigError, InputError, ModelError
+from sera_cli.stages.eval import protocol, stats
+from sera_cli.stages.eval.api import evaluate
+from sera_cli.stages.eval.cache import JudgmentCache
+from sera_cli.stages.eval.config import EvalConfig
+from sera_cli.stages.eval.judging import plan
+from sera_cli.stages.eval.questions import read_questions
 from tests.conftest import FIXTURES, SHARED, _tiny_llama, needs_shared
 
 MT_FIXTURE = FIXTURES / "eval-prompts" / "mt_bench_question.jsonl"  # FastChat's question format, own text
@@ -207,8 +208,8 @@ def test_length_controlled_win_rate_by_hand():
 
 def seed_cache(folder: Path, config: EvalConfig, texts: dict[tuple[str, str, str], str]) -> None:
     """Put hand-made judge texts into the judgments cache, for the judgments this config plans."""
-    from sera_cli.evaluation.answers import given_answers
-    from sera_cli.evaluation.run import make_judge
+    from sera_cli.stages.eval.answers import given_answers
+    from sera_cli.stages.eval.judging import make_judge
 
     qs = read_questions(config.prompts)
     answers = given_answers(config.answers, ["pol", "sft"], qs)
@@ -451,9 +452,9 @@ def test_report_shows_an_eval_folder(tmp_path, questions_file, tiny_policy):
 
 
 def test_run_with_eval_judges_each_iteration_and_skips_when_up_to_date(tmp_path, questions_file, tiny_policy):
-    from sera_cli.pipeline.config import build
-    from sera_cli.pipeline.data import DEMO_DATA
-    from sera_cli.pipeline.loop import run
+    from sera_cli.stages.run.api import run
+    from sera_cli.stages.run.config import build
+    from sera_cli.stages.run.data import DEMO_DATA
 
     wd = tmp_path / "wd"
     config = build(None, {"data": (str(DEMO_DATA),), "policy": tiny_policy, "workdir": str(wd), "method": "dpo",

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import pytest
 from families import END_OF_TURN, FAMILIES, TEMPLATE_TEXT, TOKENIZERS, build
 from typer.testing import CliRunner
 
-from sera_cli.app import app
+from sera_cli.commands.app import app
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf", reason="the Mistral, Phi-3 and Gemma-like tokenizers are read from GGUF files")
@@ -85,9 +85,9 @@ def plain_logp(model, prompt: list[int], response: list[int]) -> float:
 def test_score_matches_trl_tokens_and_a_plain_forward(tmp_path, family_models, family, rows):
     from transformers import AutoModelForCausalLM
 
-    from sera_cli.models import load_tokenizer, resolve
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.backends.models import load_tokenizer, resolve
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
     from trainers.encode import encode
 
     folder = family_models[family]
@@ -116,8 +116,8 @@ def test_score_matches_trl_tokens_and_a_plain_forward(tmp_path, family_models, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_stops_at_the_end_of_turn_token(tmp_path, family_models, family):
-    from sera_cli.generation.config import GenerateConfig
-    from sera_cli.generation.run import generate
+    from sera_cli.stages.generate.api import generate
+    from sera_cli.stages.generate.config import GenerateConfig
 
     src, out = tmp_path / "prompts.parquet", tmp_path / "cands.parquet"
     pq.write_table(pa.table({"prompt": [USER, [{"role": "user", "content": "Say hi."}]]}), src)
@@ -134,10 +134,10 @@ def test_generate_stops_at_the_end_of_turn_token(tmp_path, family_models, family
 def test_train_one_step_and_export_trl_round_trip(tmp_path, family_models, family):
     """One training step (each family another loss, so every loss runs on some family); the saved tokenizer
     keeps the base's pad token (none for Llama 3 and Mistral); `export trl` gives back the scored numbers."""
-    from sera_cli.export import ExportConfig, export
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
-    from sera_cli.train_stage import train
+    from sera_cli.stages.export import ExportConfig, export
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
+    from sera_cli.stages.train.api import train
     from trainers import TrainConfig
 
     folder = family_models[family]
@@ -162,7 +162,7 @@ def test_train_one_step_and_export_trl_round_trip(tmp_path, family_models, famil
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eval_formats_the_judge_prompt_with_the_judges_template(family_models, family):
-    from sera_cli.evaluation.judge_local import LocalJudge
+    from sera_cli.backends.judges.local import LocalJudge
 
     judge = LocalJudge(family_models[family], max_tokens=8)
     messages = [{"role": "system", "content": "You are a fair judge."}, {"role": "user", "content": "Rate it."}]
@@ -172,9 +172,9 @@ def test_eval_formats_the_judge_prompt_with_the_judges_template(family_models, f
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral"])
 def test_a_system_turn_is_folded_where_the_template_refuses_it(tmp_path, family_models, family):
-    from sera_cli import provenance
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.data import provenance
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     src, out = tmp_path / "pairs.parquet", tmp_path / "scored.parquet"
     rows = [(WITH_SYSTEM, [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "No."}]),
@@ -213,8 +213,8 @@ def test_a_template_error_is_one_line_naming_the_row_and_the_fix(tmp_path, famil
 
 
 def test_a_doubled_bos_is_a_one_line_warning(tmp_path, family_models, capfd):
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     src, out = tmp_path / "pairs.parquet", tmp_path / "scored.parquet"
     rows = [("<|begin_of_text|>" + p, c, r) for p, c, r in STRING_ROWS]

@@ -1,7 +1,7 @@
 """Fault injection, generated from the `sera` app itself: every command, every float, path or file parameter, every
 fault of its class.
 
-Nothing here lists options. The cases are built by walking the Typer app (`sera_cli.app.app`): each parameter is
+Nothing here lists options. The cases are built by walking the Typer app (`sera_cli.commands.app.app`): each parameter is
 classed by its declared type and metavar (float; input file or folder; output file or folder; model), and each
 class has its faults:
 
@@ -73,7 +73,7 @@ OUTPUT_NAMES = {"output", "output_dir", "plot", "workdir", "logging_dir"}
 FOLDER_OUTPUTS = {("train", "output"), ("eval", "output_dir"), ("run", "workdir"), ("demo", "workdir"),
                   ("report", "output_dir"), ("train", "logging_dir"), ("run", "logging_dir")}
 PATH_METAVARS = {"FILE", "DIR", "FILE|DIR", "PATH"}
-# inputs (`sera_cli.io.INPUT_FIELDS`) that name a model: a Hub id or a folder, so only "missing" is a fault
+# inputs (`sera_cli.data.tables.INPUT_FIELDS`) that name a model: a Hub id or a folder, so only "missing" is a fault
 MODEL_NAMES = {"policy", "policies", "ref", "baseline", "judge", "judge_reward", "judge_reward_ref", "judge_rm",
                "prev_policy", "prev_ref"}
 
@@ -97,7 +97,7 @@ def _bare(param) -> type | None:
 
 def kind(command: str, param) -> str | None:
     """float, input, output, folder-output, model or None (not a float, path or file parameter)."""
-    from sera_cli.io import INPUT_FIELDS
+    from sera_cli.data.tables import INPUT_FIELDS
 
     bare = _bare(param)
     if bare is float:
@@ -141,7 +141,7 @@ class Case:
 def generated_cases() -> list[Case]:
     import typer
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     group = typer.main.get_command(app)
     cases = []
@@ -161,7 +161,7 @@ CASES = generated_cases()
 def test_every_command_has_a_baseline():
     import typer
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     missing = sorted(set(typer.main.get_command(app).commands) - set(BASELINE))
     assert not missing, f"give these commands a tiny valid invocation in BASELINE: {missing}"
@@ -183,8 +183,8 @@ def test_the_table_is_generated_and_counted(capsys):
 def workspace(tmp_path_factory, models) -> Path:
     """The files every baseline reads, made once: pairs, scored pairs (real `score` output), generated pairs,
     three shards, questions, and a finished `sera run` workdir for `report`."""
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     root = tmp_path_factory.mktemp("faults-workspace")
     pq.write_table(_pairs(), root / "pairs.parquet")
@@ -202,7 +202,7 @@ def workspace(tmp_path_factory, models) -> Path:
     (root / "q.jsonl").write_text('{"prompt": "Say hi."}\n{"prompt": "Name a colour."}\n')
     from typer.testing import CliRunner
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     values = {k: v.format(**models) if isinstance(v, str) else v for k, v in BASELINE["run"].items()}
     values["workdir"] = str(root / "wd")
@@ -225,7 +225,7 @@ def _argv(command: str, values: dict[str, object]) -> list[str]:
     """The command line of `values` ({parameter: value}), in the command's own parameter order."""
     import typer
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     cmd = typer.main.get_command(app).commands[command]
     argv = [command]

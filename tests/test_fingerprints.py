@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from sera_cli import fingerprints
-from sera_cli.hashing import tree_digest
-from sera_cli.models import _WEIGHT_SUFFIXES, resolve
+from sera_cli.backends import fingerprints
+from sera_cli.backends.models import _WEIGHT_SUFFIXES, resolve
+from sera_cli.data.hashing import tree_digest
 
 
 @pytest.fixture

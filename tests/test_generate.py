@@ -15,13 +15,13 @@ import torch
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.generation.config import GenerateConfig
-from sera_cli.generation.engine_hf import gumbel, nucleus_sample
-from sera_cli.generation.packed_linear import onednn_available
-from sera_cli.generation.sampling import collect, draw_seed, trim, uniforms
-from sera_cli.hashing import digest
+from sera_cli.backends.engines.nucleus import gumbel, nucleus_sample
+from sera_cli.backends.engines.packed_linear import onednn_available
+from sera_cli.backends.engines.sampling import collect, draw_seed, trim, uniforms
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.data.hashing import digest
+from sera_cli.stages.generate.config import GenerateConfig
 
 runner = CliRunner()
 TOKENS = 6
@@ -85,7 +85,7 @@ def test_nucleus_sample_hand_computed():
 def test_nucleus_sample_with_kept_tables_samples_the_same():
     """The sampler's kept tables (SamplerBuffers) hold the same numbers as fresh ones: the same tokens, call after
     call, as the row count shrinks (finished rows leave) and grows again."""
-    from sera_cli.generation.engine_hf import SamplerBuffers, seeded_noise
+    from sera_cli.backends.engines.nucleus import SamplerBuffers, seeded_noise
 
     g = torch.Generator().manual_seed(3)
     buffers = SamplerBuffers()
@@ -250,7 +250,7 @@ def test_shards_concatenate_to_the_full_run(full_run, tiny_policy, tmp_path):
 
 def test_resume_keeps_finished_chunks(full_run, tiny_policy, tmp_path, monkeypatch):
     """Interrupted in its second chunk, a run resumes with the first chunk done and ends equal to a full run."""
-    from sera_cli.generation import run as gen_run
+    from sera_cli.stages.generate import generation as gen_run
 
     inp, out, _ = full_run
     target = tmp_path / "resumed.parquet"
@@ -277,8 +277,8 @@ def test_resume_keeps_finished_chunks(full_run, tiny_policy, tmp_path, monkeypat
 
 
 def test_conversational_prompts_use_the_chat_template(tmp_path, tiny_policy, chat_pairs_file):
-    from sera_cli.generation.prompts import prompt_tokens
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.models import load_tokenizer, resolve
+    from sera_cli.stages.generate.prompts import prompt_tokens
     from trainers.encode import encode
 
     out = tmp_path / "chat.parquet"
@@ -296,8 +296,8 @@ def test_conversational_prompts_use_the_chat_template(tmp_path, tiny_policy, cha
 
 def test_turn_end_token_of_the_chat_template(smol):
     """Chat prompts also stop at the token that ends an assistant turn in the template, whatever it is."""
-    from sera_cli.generation.prompts import stop_ids, turn_end_id
-    from sera_cli.models import load_tokenizer
+    from sera_cli.backends.chat_templates import stop_ids, turn_end_id
+    from sera_cli.backends.models import load_tokenizer
 
     tok = load_tokenizer(smol)
     assert turn_end_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
@@ -400,7 +400,7 @@ def test_bad_empty_prompt(tmp_path, tiny_policy):
 
 
 def test_bad_prompt_longer_than_the_context(tmp_path, tiny_policy):
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.models import load_tokenizer, resolve
 
     long = "word " * 2100
     n = len(load_tokenizer(resolve(tiny_policy))(long)["input_ids"])
@@ -437,7 +437,7 @@ onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without 
 def test_packed_linear_is_linear_within_rounding_and_ignores_the_row_count():
     """oneDNN with a packed weight: `linear` within float32 rounding, and each row's numbers bit for bit the same
     whether it comes alone (the one-row case is computed as two rows), with 2, 7 or 300 others, flat or [B, 1, H]."""
-    from sera_cli.generation.packed_linear import PackedLinear, pack, packed_linear
+    from sera_cli.backends.engines.packed_linear import PackedLinear, pack, packed_linear
 
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(96, 160, bias=True)
@@ -460,8 +460,8 @@ def test_packed_linear_is_linear_within_rounding_and_ignores_the_row_count():
 def test_buffered_head_with_packed_blocks():
     """The vocabulary projection in packed oneDNN blocks: the full packed projection bit for bit (each logit is
     one dot product), `linear` within rounding, and a row's logits do not depend on the batch's row count."""
-    from sera_cli.generation.engine_hf import BufferedHead
-    from sera_cli.generation.packed_linear import pack, packed_linear
+    from sera_cli.backends.engines.hf import BufferedHead
+    from sera_cli.backends.engines.packed_linear import pack, packed_linear
 
     head = torch.nn.Linear(24, 9000, bias=False)
     buffered = BufferedHead(head, rows=8)
@@ -487,11 +487,12 @@ ENGINE_PROMPTS = ["Say hi.", "Reply with one word: yes or no. Is water wet?",
 
 
 def _both_engines(spec: str, temperature: float, top_p: float, counts: list[int], tokens: int, batch: int):
-    from sera_cli.generation.engine_hf import HFEngine
-    from sera_cli.generation.engine_hf_reference import ReferenceHFEngine
-    from sera_cli.generation.prompts import prompt_tokens, stop_ids
-    from sera_cli.generation.sampling import Request
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.chat_templates import stop_ids
+    from sera_cli.backends.engines.hf import HFEngine
+    from sera_cli.backends.engines.hf_baseline import ReferenceHFEngine
+    from sera_cli.backends.engines.sampling import Request
+    from sera_cli.backends.models import load_tokenizer, resolve
+    from sera_cli.stages.generate.prompts import prompt_tokens
 
     ref = resolve(spec)
     tok = load_tokenizer(ref)
@@ -541,8 +542,8 @@ def test_prefill_in_calls_of_similar_lengths(tiny_policy, monkeypatch):
     """Prompts prefilled a few at a time, each call padded to its own longest prompt at the positions one call
     would give them: the logits and keys/values of one call within float32 rounding (pad positions zero), and the
     engine still samples what the reference engine samples."""
-    from sera_cli.generation import engine_hf
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.engines import hf as engine_hf
+    from sera_cli.backends.models import load_tokenizer, resolve
 
     ref = resolve(tiny_policy)
     engine = engine_hf.HFEngine(ref, load_tokenizer(ref), dtype="float32", device="cpu", batch_size=8,
@@ -568,7 +569,7 @@ def test_a_model_that_drops_call_keywords_falls_back_to_one_row_per_sample(tiny_
     """Where the model does not hand the shared-prompt cache to sera's attention (a model class whose layers drop
     call keywords), the engine notices at the first step, takes it back and decodes with one row per sample:
     the reference engine's samples, not attention over the generated positions alone."""
-    from sera_cli.generation import decode_attention as da
+    from sera_cli.backends.engines import decode_attention as da
 
     plain = da.decode_attention
 
@@ -590,8 +591,8 @@ def test_a_model_that_drops_call_keywords_falls_back_to_one_row_per_sample(tiny_
 def test_shared_prompt_attention_equals_attention_over_repeated_prompts(mask_kind):
     """Scoring each prompt's keys once with all its samples' queries, then one softmax over prompt and generated
     positions, is attention over the cache with the prompt repeated per sample (within float32 rounding)."""
-    from sera_cli.generation.decode_attention import decode_attention, shared_prompt_attention
-    from sera_cli.generation.decode_cache import SharedPromptLayer, groups_of
+    from sera_cli.backends.engines.decode_attention import decode_attention, shared_prompt_attention
+    from sera_cli.backends.engines.decode_cache import SharedPromptLayer, groups_of
 
     g = torch.Generator().manual_seed(1)
     prompts, group, hkv, hq, p, d = 3, 4, 2, 6, 7, 8
@@ -623,7 +624,7 @@ def test_engine_leaves_sliding_window_caches_to_generate(tmp_path, smol):
     the reference engine samples."""
     from transformers import AutoTokenizer, DynamicCache, MistralConfig, MistralForCausalLM
 
-    from sera_cli.generation.decode_cache import preallocated
+    from sera_cli.backends.engines.decode_cache import preallocated
 
     config = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8, bos_token_id=1,
@@ -642,8 +643,8 @@ def test_bf16_output_projection_sees_a_contiguous_input(tiny_policy, dtype, cont
     the weight once per row: 14.5 GB for 256 SmolLM2 prompts); float32 keeps the view and its numbers."""
     from transformers import AutoTokenizer, DynamicCache
 
-    from sera_cli.generation.engine_hf import load_generator
-    from sera_cli.models import resolve
+    from sera_cli.backends.engines.hf import load_generator
+    from sera_cli.backends.models import resolve
 
     ref = resolve(tiny_policy)
     model = load_generator(ref, AutoTokenizer.from_pretrained(ref.path), dtype, "cpu", 4, [2], False)
@@ -656,7 +657,7 @@ def test_bf16_output_projection_sees_a_contiguous_input(tiny_policy, dtype, cont
 
 
 def test_decode_batches_keep_the_cache_within_its_token_budget():
-    from sera_cli.generation.engine_hf import decode_batches
+    from sera_cli.backends.engines.hf import decode_batches
 
     widths = [1422, 1200, 700, 300, 300, 200, 200, 200]  # longest first, as the engine sorts them
     assert decode_batches(widths, 256, None) == [(0, 8)]
@@ -669,10 +670,11 @@ def test_decode_batches_keep_the_cache_within_its_token_budget():
 
 def test_a_cache_token_budget_changes_batches_not_samples(tiny_policy):
     """float32: batches cut by --cache-tokens sample what one batch of every row samples."""
-    from sera_cli.generation.engine_hf import HFEngine
-    from sera_cli.generation.prompts import prompt_tokens, stop_ids
-    from sera_cli.generation.sampling import Request
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.chat_templates import stop_ids
+    from sera_cli.backends.engines.hf import HFEngine
+    from sera_cli.backends.engines.sampling import Request
+    from sera_cli.backends.models import load_tokenizer, resolve
+    from sera_cli.stages.generate.prompts import prompt_tokens
 
     ref = resolve(tiny_policy)
     tok = load_tokenizer(ref)
@@ -697,7 +699,7 @@ def _attention_module(groups: int) -> torch.nn.Module:
 def test_decode_attention_equals_sdpa(hq, hkv):
     """One query per sequence over a left-padded cache view: the matmul path equals torch's sdpa within float32
     rounding, and a prefill (several queries) is handed to sdpa unchanged (bit for bit)."""
-    from sera_cli.generation.decode_attention import decode_attention, sdpa_attention_forward
+    from sera_cli.backends.engines.decode_attention import decode_attention, sdpa_attention_forward
 
     g = torch.Generator().manual_seed(0)
     b, d, n = 6, 16, 11
@@ -722,7 +724,7 @@ def test_decode_attention_equals_sdpa(hq, hkv):
 
 
 def test_buffered_head_logits_are_linear_bit_for_bit():
-    from sera_cli.generation.engine_hf import BufferedHead
+    from sera_cli.backends.engines.hf import BufferedHead
 
     head = torch.nn.Linear(24, 9000, bias=False)
     buffered = BufferedHead(head)

@@ -12,11 +12,11 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from sera_cli import provenance
+from sera_cli.data import provenance
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
-    reason="vllm is not installed here; the vllm engine is tested in its own environment (README: vLLM on CPU)")
+    reason="vllm is not installed here; the vllm engine is tested in its own environment (docs/scaling-out.md: vLLM on CPU)")
 
 SERA = [sys.executable, "-m", "sera_cli"]
 TOKENS = 12

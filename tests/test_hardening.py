@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli import io as sio
-from sera_cli.app import app
-from sera_cli.errors import InputError
+from sera_cli.commands.app import app
+from sera_cli.data import tables as sio
+from sera_cli.data.errors import InputError
 
 runner = CliRunner()
 
@@ -58,7 +58,7 @@ class _Payload:
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, scored, tiny_policy):
     """A `sera train` run stopped after its checkpoint at step 2: (config, partial folder)."""
-    from sera_cli.train_stage import train
+    from sera_cli.stages.train.api import train
     from trainers import TrainConfig
 
     root = tmp_path_factory.mktemp("interrupted")
@@ -78,7 +78,7 @@ def _resume_with(interrupted, tmp_path, plant):
     """Resume a copy of the interrupted run after `plant(checkpoint folder, marker)`; return the error."""
     import shutil
 
-    from sera_cli.train_stage import train
+    from sera_cli.stages.train.api import train
 
     cfg, partial = interrupted
     out = tmp_path / "model"
@@ -156,14 +156,14 @@ def _server(reply):
 
 
 def _judge(url, monkeypatch, key="sk-secret-123456"):
-    from sera_cli.evaluation.judge_http import HTTPJudge
+    from sera_cli.backends.judges.http import HTTPJudge
 
     monkeypatch.setenv("SERA_TEST_KEY", key)
     return HTTPJudge(url, "judge", max_tokens=8, api_key_env="SERA_TEST_KEY", retries=0, backoff=0.01)
 
 
 def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(monkeypatch):
-    from sera_cli.evaluation.judge_http import JudgeRequestError
+    from sera_cli.backends.judges.http import JudgeRequestError
 
     other, seen_other = _server((200, {}, b'{"choices": [{"message": {"content": "[[A]]"}}]}'))
     # 127.0.0.1 and localhost are different origins (another host), as another port would be
@@ -184,7 +184,7 @@ def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(monkeypatc
 
 
 def test_a_server_body_is_printed_with_the_key_redacted(monkeypatch):
-    from sera_cli.evaluation.judge_http import JudgeRequestError
+    from sera_cli.backends.judges.http import JudgeRequestError
 
     body = b'{"error": "bad key sk-secret-123456", "echo": "Authorization: Bearer sk-secret-123456\\nX"}'
     server, _ = _server((401, {}, body))
@@ -234,7 +234,7 @@ def test_sql_reads_the_literal_file_of_every_format(tmp_path, monkeypatch, suffi
 
 
 def test_sql_csv_reader_is_locked_to_its_file(tmp_path):
-    from sera_cli.sqlquery import _read_text_table
+    from sera_cli.stages.sql import _read_text_table
 
     (tmp_path / "a.csv").write_text("x\n1\n")
     assert _read_text_table(str(tmp_path / "a.csv"), "read_csv_auto").to_pydict() == {"x": [1]}
@@ -244,7 +244,7 @@ def test_sql_csv_reader_is_locked_to_its_file(tmp_path):
 
 
 def test_inputs_of_lists_every_input_field_and_the_config_file():
-    from sera_cli.evaluation.config import EvalConfig
+    from sera_cli.stages.eval.config import EvalConfig
 
     cfg = EvalConfig(policies=("pol/",), prompts="q.jsonl", output_dir="ev", answers="a.parquet",
                      baseline="sft/", judge="j/")
@@ -319,7 +319,7 @@ def test_score_cache_is_an_input(tmp_path, scored_file):
 
 
 def test_a_second_trainer_of_the_same_output_stops(tmp_path, scored_file):
-    from sera_cli.train_stage import output_lock
+    from sera_cli.stages.train.api import output_lock
     from trainers import TrainConfig
 
     cfg = TrainConfig(inputs=(str(scored_file),), output=str(tmp_path / "model"), policy="p")
@@ -406,7 +406,7 @@ def test_misleading_output_messages(tmp_path, scored_file, monkeypatch, output, 
 
 def test_a_cache_dir_that_is_a_file_is_named(tmp_path, monkeypatch, scored_file):
     monkeypatch.setenv("SERA_CACHE_DIR", str(scored_file))
-    from sera_cli.models import cache_dir
+    from sera_cli.data.cache_folder import cache_dir
 
     with pytest.raises(Exception) as err:
         cache_dir()
@@ -415,7 +415,7 @@ def test_a_cache_dir_that_is_a_file_is_named(tmp_path, monkeypatch, scored_file)
 
 
 def test_interrupted_hint_names_resume_only_where_the_command_has_it(capsys):
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     def with_resume(resume: bool = False):
         raise KeyboardInterrupt

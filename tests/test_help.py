@@ -11,7 +11,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from sera_cli.app import app
+from sera_cli.commands.app import app
 
 runner = CliRunner()
 ROOT = typer.main.get_command(app)
@@ -61,7 +61,7 @@ def test_config_example_values_are_accepted(tmp_path):
     """The examples are TOML the command takes: each parses, and names a setting `read_config` knows."""
     import tomllib
 
-    from sera_cli.help_style import EXAMPLES
+    from sera_cli.commands.help_style import EXAMPLES
 
     for name, items in EXAMPLES.items():
         doc = tomllib.loads("\n".join(items))
@@ -71,7 +71,7 @@ def test_config_example_values_are_accepted(tmp_path):
 
 def test_fixed_choices_are_typed_as_choices():
     from sera_cli.commands.convert import FORMATS, LAYOUTS
-    from sera_cli.convert_layouts import READERS
+    from sera_cli.data.layouts import READERS
 
     assert get_args(LAYOUTS) == ("auto", *READERS)
     assert get_args(FORMATS) == ("auto", "conversational", "standard")
@@ -89,9 +89,10 @@ def test_fixed_choices_are_typed_as_choices():
         ctx = cmd.make_context(name, ["--help"], resilient_parsing=True)
         assert next(p for p in cmd.params if p.name == param).display_type_rich(ctx) == want, (name, param)
     from sera_cli.commands import run
-    from sera_cli.pipeline.config import LOSSES, METHODS
+    from sera_cli.stages.run.config import METHODS
+    from trainers.losses import LOSSES
 
-    assert set(get_args(run.Method)) == set(METHODS) and get_args(run.Loss) == LOSSES
+    assert set(get_args(run.Method)) == set(METHODS) and get_args(run.Loss) == tuple(LOSSES)
     r = runner.invoke(app, ["eval", "--policy", "a", "--baseline", "b", "--prompts", "q.jsonl", "--judge", "j",
                             "--mode", "both", "-o", "out"])
     assert r.exit_code == 2 and "'both' is not one of 'pairwise', 'single'" in " ".join(

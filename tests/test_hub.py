@@ -47,14 +47,14 @@ def test_hub_id_loads_from_the_cache_offline_with_the_local_folders_numbers(tmp_
 
 
 def test_hub_id_with_revision_and_fingerprint(tmp_path, tiny_policy):
-    from sera_cli.hub import is_hub_id, split_revision
+    from sera_cli.backends.hub import is_hub_id, split_revision
 
     assert is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") and is_hub_id("acme/m@v1.0")
     assert not is_hub_id("./acme/m") and not is_hub_id("/abs/path") and not is_hub_id("smollm2-135m")
     assert split_revision("acme/m@v1.0") == ("acme/m", "v1.0") and split_revision("acme/m") == ("acme/m", None)
     home = tmp_path / "hf"
     hub_cache(home, "acme/tiny", tiny_policy)
-    code = ("from sera_cli.models import resolve, fingerprint_folder; import sys;"
+    code = ("from sera_cli.backends.models import resolve, fingerprint_folder; import sys;"
             f"r = resolve('acme/tiny@{COMMIT}'); print(r.fingerprint == fingerprint_folder(sys.argv[1]), r.kind)")
     proc = subprocess.run([sys.executable, "-c", code, tiny_policy], env=offline_env(home), capture_output=True,
                           text=True)
@@ -74,8 +74,8 @@ def test_missing_hub_model_offline_is_one_line(tmp_path, pairs_file):
 def test_revision_flag_is_the_at_suffix(tmp_path, pairs_file, tiny_policy, tiny_ref):
     import pytest
 
-    from sera_cli.errors import ConfigError
-    from sera_cli.hub import with_revision
+    from sera_cli.backends.hub import with_revision
+    from sera_cli.data.errors import ConfigError
 
     assert with_revision("acme/m", "v1") == "acme/m@v1" == with_revision("acme/m@v1", "v1")
     assert with_revision("acme/m@v1", None) == "acme/m@v1" and with_revision(None, None) is None
@@ -104,7 +104,7 @@ def test_revision_flag_is_the_at_suffix(tmp_path, pairs_file, tiny_policy, tiny_
 def test_every_revision_flag_refuses_a_second_revision_before_any_work(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     monkeypatch.chdir(tmp_path)
     line = "error: {flag} acme/m@v1 names revision v1 and {rev} names v2: give one\n"

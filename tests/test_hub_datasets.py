@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sera_cli.hub_data import is_dataset_name, parse, with_split
+from sera_cli.data.hub_data import is_dataset_name, parse, with_split
 
 pytest.importorskip("datasets")
 SERA = [sys.executable, "-m", "sera_cli"]
@@ -116,10 +116,10 @@ def test_subset_names_the_config(tmp_path):
 def test_run_attaches_split_and_subset_to_hub_names(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from sera_cli.app import app
-    from sera_cli.errors import ConfigError
-    from sera_cli.pipeline import loop
-    from sera_cli.pipeline.config import build
+    from sera_cli.commands.app import app
+    from sera_cli.data.errors import ConfigError
+    from sera_cli.stages.run import api as loop
+    from sera_cli.stages.run.config import build
 
     assert build(None, {"data": ("acme/pairs", "a.parquet"), "split": "train"}).data == ("acme/pairs:train",
                                                                                           "a.parquet")
@@ -146,10 +146,10 @@ def test_run_attaches_split_and_subset_to_hub_names(tmp_path, monkeypatch):
 SPLIT_STAGE = """
 import sys
 from pathlib import Path
-from sera_cli.pipeline.config import load
-from sera_cli.pipeline.layout import Layout
-from sera_cli.pipeline.loop import check_start, schedule
-from sera_cli.pipeline.stages import Ledger
+from sera_cli.stages.run.config import load
+from sera_cli.stages.run.layout import Layout
+from sera_cli.stages.run.api import check_start, schedule
+from sera_cli.stages.run.ledger import Ledger
 
 config = load(None, {"data": ("acme/pairs",), "split": "test", "heldout": 0.0, "workdir": sys.argv[1]})
 check_start(config)

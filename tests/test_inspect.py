@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.rankstats import auroc, average_ranks, quantiles, spearman
+from sera_cli.commands.app import app
+from sera_cli.data.rankstats import auroc, average_ranks, quantiles, spearman
 
 runner = CliRunner()
 
@@ -114,8 +114,8 @@ def test_inspect_figure_shows_clean_flipped_and_the_top_k1_cut(tmp_path, n):
     import matplotlib
 
     matplotlib.use("Agg")
-    from sera_cli.inspect import InspectConfig, inspect
-    from sera_cli.plots import inspect_figure, save
+    from sera_cli.stages.inspect.api import InspectConfig, inspect
+    from sera_cli.stages.report.plots import inspect_figure, save
 
     path, table = flipped_file(tmp_path, n)
     rep = inspect(InspectConfig(inputs=(path,), k1=0.7))

@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import standard_table
 
-from sera_cli import provenance
-from sera_cli.errors import ConfigError
-from sera_cli.generation.config import GenerateConfig
-from sera_cli.generation.run import generate
-from sera_cli.launch import World, _finished_part, world
-from sera_cli.score import score
-from sera_cli.score_config import ScoreConfig
+from sera_cli.data import provenance
+from sera_cli.data.errors import ConfigError
+from sera_cli.parallel.launcher import World, world
+from sera_cli.stages.generate.api import generate
+from sera_cli.stages.generate.config import GenerateConfig
+from sera_cli.stages.merge import finished_part, merge_parts
+from sera_cli.stages.score.api import score
+from sera_cli.stages.score.config import ScoreConfig
 
 LAUNCHER = shutil.which("accelerate", path=os.path.dirname(sys.executable))
 needs_launcher = pytest.mark.skipif(LAUNCHER is None, reason="accelerate's launcher is not installed")
@@ -124,12 +125,12 @@ def test_a_finished_part_is_reused_only_for_the_same_work(tmp_path, tiny_policy,
                          dtype="float32",
                          shard=(0, 2), progress=False)
     score(config)
-    assert _finished_part(part, replace(config, resume=True), "score")
-    assert not _finished_part(part, replace(config, beta=0.2), "score")
-    assert not _finished_part(part, replace(config, shard=(1, 2)), "score")
-    assert not _finished_part(part, replace(config, ref=tiny_policy), "score")  # another model
+    assert finished_part(part, replace(config, resume=True), "score")
+    assert not finished_part(part, replace(config, beta=0.2), "score")
+    assert not finished_part(part, replace(config, shard=(1, 2)), "score")
+    assert not finished_part(part, replace(config, ref=tiny_policy), "score")  # another model
     pq.write_table(pq.read_table(pairs).slice(0, 5), pairs)  # the input changed
-    assert not _finished_part(part, config, "score")
+    assert not finished_part(part, config, "score")
 
 
 def test_the_world_comes_from_the_launchers_environment(monkeypatch):
@@ -146,11 +147,12 @@ def test_the_world_comes_from_the_launchers_environment(monkeypatch):
 
 
 def test_launched_stages_refuse_stdout_and_shards(tmp_path, monkeypatch, tiny_policy, tiny_ref):
-    from sera_cli.launch import ranked
+    from sera_cli.parallel.launcher import ranked
 
     pairs = six_pairs(tmp_path)
     config = ScoreConfig(inputs=(pairs,), output="-", policy=tiny_policy, ref=tiny_ref)
     with pytest.raises(ConfigError, match="2 processes cannot share standard output: give -o FILE"):
-        ranked(score, config, "score", World(0, 2, 0))
+        ranked(score, config, "score", World(0, 2, 0), finished=finished_part, merge=merge_parts)
     with pytest.raises(ConfigError, match="--shard 0/2 under a launcher of 2 processes"):
-        ranked(score, replace(config, output=str(tmp_path / "o.parquet"), shard=(0, 2)), "score", World(0, 2, 0))
+        ranked(score, replace(config, output=str(tmp_path / "o.parquet"), shard=(0, 2)), "score", World(0, 2, 0),
+               finished=finished_part, merge=merge_parts)

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     for name in ("torch", "transformers", "vllm", "peft", "trl"):
         sys.modules[name] = None
     from typer.testing import CliRunner
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     runner = CliRunner()
     for args in json.loads(sys.argv[1]):
@@ -58,7 +58,7 @@ def test_light_commands_never_import_torch(tmp_path):
 def test_each_light_command_help_has_an_example():
     from typer.testing import CliRunner
 
-    from sera_cli.app import app
+    from sera_cli.commands.app import app
 
     for command in ("convert", "select", "mix", "sql", "inspect"):
         r = CliRunner().invoke(app, [command, "--help"])
@@ -79,3 +79,123 @@ def test_the_trainer_never_imports_the_cli():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "sera_cli"]
     assert found == []
+
+
+LAYERS = ("commands", "stages", "parallel", "backends", "data")  # top to bottom; trainers/ below them all
+
+
+def _sera_imports(root=None):
+    """(module, line, imported module) for every sera_cli import in sera_cli/, lazy ones included."""
+    import ast
+    from pathlib import Path
+
+    root = root or Path(__file__).resolve().parents[1] / "sera_cli"
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in sorted(root.rglob("*.py"))}
+    found = []
+    for mod, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names if (node.module, a.name) != ("sera_cli", "__version__")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [(mod, node.lineno, n) for n in names if n.split(".")[0] == "sera_cli"]
+    return modules, found
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(root=None) -> list[str]:
+    """Imports from a lower layer to a higher one, or from a layer to the package face (`sera_cli` itself)."""
+    _, found = _sera_imports(root)
+    bad = []
+    for mod, line, target in found:
+        me, it = _layer(mod), _layer(target)
+        if me is None:
+            continue
+        if (it is not None and it < me) or (target == "sera_cli" and mod.split(".")[1] != "commands"):
+            bad.append(f"{mod}:{line} imports {target}")
+    return bad
+
+
+def import_circles(root=None) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's strongly connected
+    components of the import graph, lazy imports included)."""
+    import sys
+
+    modules, found = _sera_imports(root)
+    graph = {m: sorted({t for s, _, t in found if s == m and t in modules and t != m}) for m in modules}
+    index, low, stack, on, circles, counter = {}, {}, [], set(), [], [0]
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_imports_point_down_only():
+    """commands -> stages -> parallel -> backends -> data -> trainers: no module imports a layer above its own
+    (ARCHITECTURE.md), and no import circle exists."""
+    assert upward_imports() == []
+    assert import_circles() == []
+
+
+def test_the_layer_check_fails_on_an_upward_import(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    copy = tmp_path / "sera_cli"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sera_cli", copy)
+    target = copy / "data" / "hashing.py"
+    target.write_text(target.read_text() + "\n\ndef _late():\n    from sera_cli.stages.score.config import ScoreConfig\n")
+    line = target.read_text().count("\n")
+    assert upward_imports(copy) == [f"sera_cli.data.hashing:{line} imports sera_cli.stages.score.config"]
+    assert import_circles(copy) == []
+    loop = copy / "backends" / "hub.py"  # models imports hub; hub importing models closes a circle
+    loop.write_text(loop.read_text() + "\n\ndef _loop():\n    from sera_cli.backends.models import resolve\n")
+    assert any({"sera_cli.backends.hub", "sera_cli.backends.models"} <= set(c) for c in import_circles(copy))
+
+
+def test_losses_and_rewards_are_named_only_by_the_trainer():
+    """Whether a loss or reward needs a reference is `trainers.losses`' to say (`LossSpec.needs_ref`,
+    `REWARDS`): no string constant naming the reference-free one appears in sera_cli/."""
+    import ast
+    from pathlib import Path
+
+    from trainers.losses import LOSSES, REWARDS
+
+    free = {name for name, spec in {**LOSSES, **REWARDS}.items() if not spec.needs_ref}
+    root = Path(__file__).resolve().parents[1] / "sera_cli"
+    hits = [f"{p.relative_to(root.parent)}:{node.lineno}" for p in sorted(root.rglob("*.py"))
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.Constant) and node.value in free]
+    assert free == {"simpo"} and hits == []

@@ -10,8 +10,8 @@ import pytest
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli import lineage, provenance
-from sera_cli.app import app
+from sera_cli.commands.app import app
+from sera_cli.data import lineage, provenance
 
 runner = CliRunner()
 HINT = "(pass --recompute-ref with --ref MODEL to compute them all with one reference)"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import STANDARD_ROWS, conversational_table, standard_table
 
-from sera_cli.models import load_model, load_tokenizer, resolve
-from sera_cli.score import score
-from sera_cli.score_config import ScoreConfig
+from sera_cli.backends.models import load_model, load_tokenizer, resolve
+from sera_cli.stages.score.api import score
+from sera_cli.stages.score.config import ScoreConfig
 from trainers.encode import encode, truncate
 from trainers.logps import collate, sequence_logps, sum_by_row
 
@@ -120,7 +120,7 @@ def test_truncation_cuts_prompt_left_and_response_right():
 
 
 def test_prompt_sharing_equals_separate_sequences(tiny_policy):
-    from sera_cli.batched_logps import flat_sequences, sequences_logps
+    from sera_cli.backends.logps.batched import flat_sequences, sequences_logps
 
     ref = resolve(tiny_policy)
     model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
@@ -135,14 +135,14 @@ def test_prompt_sharing_equals_separate_sequences(tiny_policy):
 def test_prompt_sharing_in_small_windows_and_tight_batches_gives_the_same_numbers(tiny_policy, monkeypatch):
     """Many prompt windows and one-response batches (keys gathered from several prompt batches) change the
     batching only, never the numbers."""
-    import sera_cli.batched_logps
-    from sera_cli.batched_logps import flat_sequences, sequences_logps
+    import sera_cli.backends.logps.batched
+    from sera_cli.backends.logps.batched import flat_sequences, sequences_logps
 
     ref = resolve(tiny_policy)
     model, tok = load_model(ref, "float32", "cpu"), load_tokenizer(ref)
     encs = [encode(tok, p, [c, r]) for p, c, r in STANDARD_ROWS]
     seqs = flat_sequences(encs)
     separate, _ = sequences_logps(model, seqs, tok.pad_token_id, share_prompts=False)
-    monkeypatch.setattr(sera_cli.batched_logps, "PROMPT_WINDOW_TOKENS", 1)  # every prompt its own window
+    monkeypatch.setattr(sera_cli.backends.logps.batched, "PROMPT_WINDOW_TOKENS", 1)  # every prompt its own window
     windowed, _ = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=8)
     np.testing.assert_allclose(windowed, separate, atol=1e-4, rtol=0)

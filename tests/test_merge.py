@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli import lineage, provenance
-from sera_cli.app import app
+from sera_cli.commands.app import app
+from sera_cli.data import lineage, provenance
 
 runner = CliRunner()
 
@@ -127,7 +127,7 @@ def test_merge_never_imports_torch(tmp_path, runs):
         for name in ("torch", "transformers", "vllm", "peft", "trl"):
             sys.modules[name] = None
         from typer.testing import CliRunner
-        from sera_cli.app import app
+        from sera_cli.commands.app import app
         r = CliRunner().invoke(app, ["merge", *sys.argv[1:]])
         print(json.dumps({"code": r.exit_code, "stderr": r.stderr}))
     """)

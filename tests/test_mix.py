@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.hashing import file_digest
-from sera_cli.mix import plan
-from sera_cli.select import fraction_count
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.data.hashing import file_digest
+from sera_cli.stages.mix import plan
+from sera_cli.stages.select.api import fraction_count
 
 runner = CliRunner()
 CHAIN = {"stage": "select", "parents": [{"stage": "score", "parents": [{"stage": "convert", "source_rows": 10}]}]}

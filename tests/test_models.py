@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sera_cli.errors import ModelError
-from sera_cli.models import default_gguf, load_model, load_tokenizer, resolve
+from sera_cli.backends.models import default_gguf, load_model, load_tokenizer, resolve
+from sera_cli.data.errors import ModelError
 from trainers.logps import collate, sequence_logps
 
 

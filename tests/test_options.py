@@ -6,8 +6,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.options import check_device, check_dtype
+from sera_cli.commands.app import app
+from sera_cli.commands.options import check_device, check_dtype
 
 runner = CliRunner()
 
@@ -96,7 +96,7 @@ def test_config_file_gives_defaults_that_flags_override(tmp_path, monkeypatch):
 
     import pyarrow.parquet as pq
 
-    from sera_cli import provenance
+    from sera_cli.data import provenance
 
     raw, pairs, kept = tmp_path / "raw.jsonl", tmp_path / "pairs.parquet", tmp_path / "kept.parquet"
     raw.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}",

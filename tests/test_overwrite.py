@@ -14,7 +14,7 @@ import pytest
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli.app import app
+from sera_cli.commands.app import app
 
 runner = CliRunner()
 HINT = "(outputs never replace inputs: choose another output path)"

@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.errors import ConfigError
-from sera_cli.pipeline.config import DEMO_PRESET, RunConfig, build, load
-from sera_cli.pipeline.data import DEMO_DATA, split
-from sera_cli.pipeline.layout import Layout
-from sera_cli.pipeline.loop import _iteration
-from sera_cli.pipeline.methods import METHODS
-from sera_cli.pipeline.stages import Ledger, Stage
-from sera_cli.provenance import read as read_prov
+from sera_cli.commands.app import app
+from sera_cli.data.errors import ConfigError
+from sera_cli.data.provenance import read as read_prov
+from sera_cli.stages.run.api import _iteration
+from sera_cli.stages.run.config import DEMO_PRESET, RunConfig, build, load
+from sera_cli.stages.run.data import DEMO_DATA, split
+from sera_cli.stages.run.layout import Layout
+from sera_cli.stages.run.ledger import Ledger, Stage
+from sera_cli.stages.run.methods import METHODS
 
 runner = CliRunner()
 
@@ -209,7 +209,7 @@ STAGE_OF = {"split": "split", "reference": "reference", "score": "score", "selec
 
 
 def test_two_iterations_end_to_end_then_only_the_deleted_stage_reruns(tmp_path, tiny_policy):
-    from sera_cli.pipeline.loop import run
+    from sera_cli.stages.run.api import run
 
     wd = tmp_path / "wd"
     config = build(None, {"data": (str(DEMO_DATA),), "policy": tiny_policy, "workdir": str(wd), "iterations": 2,
@@ -270,7 +270,7 @@ def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     import sys
     import time
 
-    from sera_cli.pipeline.stages import workdir_lock
+    from sera_cli.stages.run.ledger import workdir_lock
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live Python holder
     try:

@@ -14,9 +14,16 @@ import pytest
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.precision import check_pairs, check_rows, dtype_note, noise_floor, precision_stats, under_floor
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.stages.score.precision import (
+    check_pairs,
+    check_rows,
+    dtype_note,
+    noise_floor,
+    precision_stats,
+    under_floor,
+)
 
 runner = CliRunner()
 
@@ -133,7 +140,7 @@ def test_select_warns_when_its_cut_falls_under_the_floor(tmp_path):
 # ---- score: --dtype auto is float32 on CPU; a bfloat16 score records the check ----------------------------------
 
 def test_auto_dtype_scores_in_float32_on_cpu_whatever_its_bf16_support(monkeypatch):
-    from sera_cli.models import resolved_dtype
+    from sera_cli.backends.models import resolved_dtype
     from trainers import precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=None: frozenset({"avx512_bf16", "amx_bf16"}))
@@ -173,7 +180,7 @@ def test_bfloat16_score_records_a_check_that_an_independent_float32_score_reprod
 # ---- train: ln 2 at the start in float32; a dtype mismatch is said and recorded --------------------------------
 
 def test_float32_training_from_policy_equal_to_reference_starts_at_ln2(tmp_path, tiny_policy):
-    from sera_cli.train_stage import train
+    from sera_cli.stages.train.api import train
     from trainers import TrainConfig
 
     pairs = tmp_path / "pairs.parquet"
@@ -198,7 +205,7 @@ def test_stored_float32_reference_under_bfloat16_training_is_said_and_recorded(t
 
 
 def test_a_check_that_does_not_fit_in_memory_keeps_the_scores(tmp_path, monkeypatch, tiny_policy, tiny_ref):
-    from sera_cli import models
+    from sera_cli.backends import models
 
     pairs = tmp_path / "pairs.parquet"
     pq.write_table(standard_table(), pairs)

@@ -31,7 +31,7 @@ def test_non_terminal_runs_print_periodic_progress_lines(tmp_path, pairs_file, t
 
 
 def test_train_progress_shows_pairs_and_tokens_per_second(monkeypatch, capsys):
-    from sera_cli.train_stage import progress_bar
+    from sera_cli.stages.train.api import progress_bar
 
     monkeypatch.setenv("SERA_LOG_EVERY", "0")
     with progress_bar(True, 2, 0) as show:
@@ -43,7 +43,7 @@ def test_train_progress_shows_pairs_and_tokens_per_second(monkeypatch, capsys):
 
 
 def test_log_lines_do_not_wrap_outside_a_terminal(capsys):
-    from sera_cli.console import console
+    from sera_cli.data.console import console
 
     line = "iter-1/reference " + "reference log-probs of pi_0 on the training rows " * 4
     console.print(line)
@@ -53,7 +53,7 @@ def test_log_lines_do_not_wrap_outside_a_terminal(capsys):
 def test_a_finished_bar_leaves_no_empty_line_in_a_log(monkeypatch, capsys):
     from rich.progress import BarColumn, TextColumn
 
-    from sera_cli.console import Progress, console
+    from sera_cli.data.console import Progress, console
 
     monkeypatch.setenv("SERA_LOG_EVERY", "0")
     console.print("before")

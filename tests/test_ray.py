@@ -14,10 +14,10 @@ import pytest
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.generation.config import GenerateConfig
-from sera_cli.score_config import ScoreConfig
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.stages.generate.config import GenerateConfig
+from sera_cli.stages.score.config import ScoreConfig
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -38,9 +38,9 @@ def leftovers(folder) -> list[str]:
 def test_ray_score_equals_one_process(tmp_path, pairs_file, tiny_policy, tiny_ref, monkeypatch):
     """3 chunks of 2 rows over 2 actors: the rows, their order, ids and log-probs of one process; both actors
     write their log-probs to the one --cache; --resume takes the chunks a run kept and needs no actor."""
-    from sera_cli.chunk_store import ChunkStore
-    from sera_cli.ray_stages import ray_score
-    from sera_cli.score import score
+    from sera_cli.data.chunk_store import ChunkStore
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.on_ray import ray_score
 
     one = ScoreConfig(inputs=(pairs_file,), output=str(tmp_path / "one.parquet"), policy=tiny_policy, ref=tiny_ref,
                       chunk_rows=2, progress=False)
@@ -77,11 +77,12 @@ def gen_config(inp: str, policy: str, out) -> GenerateConfig:
 def test_ray_generate_equals_one_process_and_resumes_its_chunks(tmp_path, pairs_file, tiny_policy, monkeypatch):
     """The same responses, byte for byte, as one process (hf engine, same seed); then a run interrupted in one
     process after its first chunk is finished on Ray with --resume, and again equals the full run."""
-    from sera_cli.generation import run as gen_run
-    from sera_cli.ray_stages import ray_generate
+    from sera_cli.stages.generate import generation as gen_run
+    from sera_cli.stages.generate.api import generate
+    from sera_cli.stages.generate.on_ray import ray_generate
 
     one = gen_config(pairs_file, tiny_policy, tmp_path / "one.parquet")
-    gen_run.generate(one)
+    generate(one)
     s = ray_generate(replace(one, output=str(tmp_path / "ray.parquet"), ray_address="local", ray_actors=2))
     a, b = pq.read_table(one.output), pq.read_table(tmp_path / "ray.parquet")
     assert b.replace_schema_metadata(None).equals(a.replace_schema_metadata(None)) and a.num_rows == 12
@@ -98,7 +99,7 @@ def test_ray_generate_equals_one_process_and_resumes_its_chunks(tmp_path, pairs_
     monkeypatch.setattr(gen_run._Work, "_chunk", interrupted)
     target = tmp_path / "resumed.parquet"
     with pytest.raises(KeyboardInterrupt):
-        gen_run.generate(replace(one, output=str(target)))
+        generate(replace(one, output=str(target)))
     s = ray_generate(replace(one, output=str(target), resume=True, ray_address="local"))
     assert s.resumed == 1 and pq.read_table(target).replace_schema_metadata(None).equals(a.replace_schema_metadata(None))
     assert not leftovers(tmp_path)
@@ -137,8 +138,8 @@ def test_a_failing_actor_fails_the_job_with_one_line(tmp_path, pairs_file, tiny_
 def test_ray_missing_is_one_line(tmp_path, pairs_file, tiny_policy, monkeypatch):
     import sys
 
-    from sera_cli.errors import ConfigError
-    from sera_cli.ray_stages import _join
+    from sera_cli.data.errors import ConfigError
+    from sera_cli.parallel.ray_pool import _join
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=re.escape("--ray needs Ray Data, which is not installed: "

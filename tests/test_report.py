@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli import report
-from sera_cli.app import app
+from sera_cli.commands.app import app
+from sera_cli.stages.report import api as report
 
 runner = CliRunner()
 
@@ -84,7 +84,7 @@ def test_figure_has_chance_line_distinct_series_and_integer_iterations(tmp_path)
     import matplotlib
 
     matplotlib.use("Agg")
-    from sera_cli.plots import report_figure, save
+    from sera_cli.stages.report.plots import report_figure, save
 
     reports = [report.collect(make_run(tmp_path / "A", 2)), report.collect(make_run(tmp_path / "B", 1, "dpo"))]
     fig = report_figure(reports)

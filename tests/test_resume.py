@@ -18,9 +18,9 @@ import pytest
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli import chunk_store
-from sera_cli.app import app
-from sera_cli.chunk_store import ChunkStore
+from sera_cli.commands.app import app
+from sera_cli.data import chunk_store
+from sera_cli.data.chunk_store import ChunkStore
 
 runner = CliRunner()
 SERA = [sys.executable, "-m", "sera_cli"]
@@ -221,9 +221,9 @@ def test_a_checkpoint_save_cut_between_its_renames_resumes(tmp_path, tiny_policy
     """`save` renames checkpoint -> checkpoint.old, then checkpoint.tmp -> checkpoint. Cut between the two, the
     folder holds the previous checkpoint as .old and the new, complete one as .tmp: --resume continues from the
     new one and ends with the losses of an uninterrupted run."""
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
-    from sera_cli.train_stage import train
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
+    from sera_cli.stages.train.api import train
     from trainers import TrainConfig
 
     pq.write_table(standard_table(), tmp_path / "pairs.parquet")

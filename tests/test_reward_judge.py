@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.evaluation import stats
-from sera_cli.evaluation.reward_judge import Unit, summary_rows, verdicts
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.stages.eval import stats
+from sera_cli.stages.eval.reward_judge import Unit, summary_rows, verdicts
 
 runner = CliRunner()
 QUESTIONS = ["Name a colour.", "What is 2+2?", "Say hi.", "Capital of France?"]

@@ -17,8 +17,8 @@ import pytest
 from conftest import standard_table
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
 
 runner = CliRunner()
 SERA = [sys.executable, "-m", "sera_cli"]
@@ -83,8 +83,8 @@ def test_ipo_reward_is_the_length_averaged_log_ratio(tmp_path, pairs_file, tiny_
 
 
 def test_run_scores_with_the_reward_its_loss_trains_on():
-    from sera_cli.pipeline.config import RunConfig
-    from sera_cli.pipeline.stage_configs import reward as _reward
+    from sera_cli.stages.run.config import RunConfig
+    from sera_cli.stages.run.stage_configs import reward as _reward
 
     assert [_reward(RunConfig(loss=loss)) for loss in ("dpo", "ipo", "slic", "simpo", "cdpo", "rdpo")] == \
         ["dpo", "ipo", "dpo", "simpo", "dpo", "dpo"]
@@ -120,14 +120,14 @@ def test_cache_second_run_does_no_forward_pass(tmp_path, pairs_file, tiny_policy
     args = ["score", pairs_file, "--policy", tiny_policy, "--ref", tiny_ref, "--cache", cache, "-q"]
     assert sera(*args, "-o", str(tmp_path / "a.parquet")).exit_code == 0
 
-    import sera_cli.batched_logps
-    import sera_cli.models
+    import sera_cli.backends.logps.batched
+    import sera_cli.backends.models
 
     def forbidden(*a, **k):
         raise AssertionError("a forward pass ran although every row was cached")
 
-    monkeypatch.setattr(sera_cli.batched_logps, "sequences_logps", forbidden)
-    monkeypatch.setattr(sera_cli.models, "load_model", forbidden)
+    monkeypatch.setattr(sera_cli.backends.logps.batched, "sequences_logps", forbidden)
+    monkeypatch.setattr(sera_cli.backends.models, "load_model", forbidden)
     r = sera(*args, "-o", str(tmp_path / "b.parquet"))
     assert r.exit_code == 0, r.stderr
     assert "0 sequences computed, 24 from cache" in r.stderr

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.candidate_pairs import build_pairs
-from sera_cli.hashing import file_digest
-from sera_cli.io import Inputs, Source
-from sera_cli.select import choose, fraction_count
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.data.hashing import file_digest
+from sera_cli.data.tables import Inputs, Source
+from sera_cli.stages.select.api import choose, fraction_count
+from sera_cli.stages.select.candidate_pairs import build_pairs
 
 runner = CliRunner()
 MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

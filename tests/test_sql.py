@@ -12,9 +12,9 @@ import pytest
 import xxhash
 from typer.testing import CliRunner
 
-from sera_cli import provenance
-from sera_cli.app import app
-from sera_cli.sqlquery import cell, view_name
+from sera_cli.commands.app import app
+from sera_cli.data import provenance
+from sera_cli.stages.sql import cell, view_name
 
 runner = CliRunner()
 

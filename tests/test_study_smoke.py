@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED
+from conftest import SHARED, needs_shared
 
 STUDY = Path(__file__).parent / "bench" / "study.py"
 
@@ -49,7 +49,7 @@ def test_every_method_ran_and_iteration_1_is_shared(smoke):
     train = pq.read_table(out / "data" / "uf-24-flip20.parquet")
     assert train.num_rows == 24 and sum(train.column("flipped").to_pylist()) == 5  # round(0.2 * 24)
     assert pq.read_metadata(out / "data" / "uf-heldout-12.parquet").num_rows == 12
-    from sera_cli.pipeline.stages import content_hash
+    from sera_cli.stages.run.ledger import content_hash
 
     pi1 = content_hash(group / "dpo" / "iter-1" / "model")
     for m in study.ITER1_SHARED:
@@ -120,7 +120,7 @@ def test_held_out_pairs_drawn_from_the_training_file_never_overlap_its_sample(tm
     hh = study.SCALES["cpu-hh"].sets[0]
     assert hh.train == (hh.eval,) and hh.rows == 128 and hh.eval_rows == 200
     # --scale cpu-512 is the cpu study at 4x the rows and nothing else changed but the generated prompts, so its
-    # iteration 1 is irm_sweep.py's 512-row lr 1e-5 cell (README)
+    # iteration 1 is irm_sweep.py's 512-row lr 1e-5 cell (docs/study.md)
     big, cpu = study.SCALES["cpu-512"], study.SCALES["cpu"]
     assert big.run == {**cpu.run, "gen_prompts": 256} and big.sets == (replace(cpu.sets[0], rows=512),)
 
@@ -207,7 +207,7 @@ def test_irm_sweep_cell_scores_the_pairs_pi_1_trained_on(tmp_path, tiny_policy):
     assert sorted(scored["id"]) == sorted(train["id"]) and sum(scored["flipped"]) == 5
     assert np.abs(np.asarray(scored["irm"])).max() > 0  # pi_1 against pi_0: margins moved
     assert (tmp_path / "cache").is_dir() and (folder / "cache").resolve() == (tmp_path / "cache").resolve()
-    from sera_cli.rankstats import auroc
+    from sera_cli.data.rankstats import auroc
 
     want = auroc(-np.asarray(scored["irm"], float), np.asarray(scored["flipped"], bool))
     row = next(line for line in sweep.table(tmp_path, 0.7, 0).splitlines() if "in-sample" in line)
@@ -215,3 +215,77 @@ def test_irm_sweep_cell_scores_the_pairs_pi_1_trained_on(tmp_path, tiny_policy):
     stamp = (wd / "iter-1" / "insample_scored.parquet").stat().st_mtime_ns
     sweep.cell(tmp_path, 24, 1e-3, base, tiny_policy)
     assert (wd / "iter-1" / "insample_scored.parquet").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------ the decisive study (issue 35)
+
+
+@pytest.fixture(scope="module")
+def decisive_smoke(tmp_path_factory):
+    """tests/bench/decisive.py at --scale decisive-smoke: every phase on a tiny random Llama, a few HH pairs."""
+    needs_shared(SHARED / "hh-rlhf" / "helpful-base" / "test.jsonl.gz")
+    _study()  # decisive.py imports the study module this registered, whose SHARED is the test data's
+    spec = importlib.util.spec_from_file_location("decisive", STUDY.parent / "decisive.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["decisive"] = mod
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("decisive")
+    mod.run(mod.CONFIGS["decisive-smoke"], out)
+    return mod, out
+
+
+def test_decisive_smoke_runs_every_phase(decisive_smoke):
+    mod, out = decisive_smoke
+    text = (out / "tables.md").read_text()
+    rows = [(a, 2) for a in mod.ARMS2] + [(a, 3) for a in mod.ARMS3]
+    for arm, it in rows:
+        assert f"| {arm} | {it} |" in text, (arm, it)
+    assert "Gate " in text and "Machine: CPU" in text and "## Length-only baseline" in text
+    results = json.loads((out / "results.json").read_text())
+    d = results["data"]
+    assert d["sizes"]["held"] == 16 and d["sizes"]["val"] == 16 and d["sizes"]["train-clean"] == 32
+    assert d["flipped"] == round(0.3 * 32) and d["excluded"] > 0
+    res = results["seeds"]["0"]
+    accs = [res["pi1"][res["chosen"]][k]["acc"] for k in ("val", "held")]
+    accs += [a["acc"] for a in res["arms"].values()] + [results["baseline"]["heldout"]]
+    assert len(res["arms"]) == len(rows)
+    assert all(np.isfinite(a) and 0.0 <= a <= 1.0 for a in accs), accs
+    # every arm's held-out file is the one its accuracy was read from
+    held = pq.read_table(out / "seed-0" / "iter-2" / "irm-top70" / "held.parquet").column("irm").to_pylist()
+    assert res["arms"]["irm-top70@2"]["acc"] == pytest.approx(float(np.mean(mod.outcomes(held))))
+
+
+def test_decisive_smoke_arms_data(decisive_smoke):
+    mod, out = decisive_smoke
+    train = pq.read_table(out / "data" / "train.parquet").to_pydict()
+    n_flips = sum(train["flipped"])
+    oracle = pq.read_table(out / "seed-0" / "iter-2" / "oracle" / "data.parquet").to_pydict()
+    assert not any(oracle["flipped"]) and len(oracle["id"]) == len(train["id"]) - n_flips  # exactly the flips removed
+    for it in (2, 3):
+        counts = {arm: pq.read_metadata(out / "seed-0" / f"iter-{it}" / arm / "data.parquet").num_rows
+                  for arm in ("irm-top70", "random-70", "xfit-top70")}
+        assert set(counts.values()) == {int(0.7 * len(train["id"]))}, counts
+    for arm in mod.ARMS2:  # equal steps: the 70% arms run two epochs cut at S
+        assert mod.train_steps(out / "seed-0" / "iter-2" / arm / "model") == mod.CONFIGS["decisive-smoke"].steps
+    # cross-fitting: each fold model scored only the half it never trained on
+    for k in range(2):
+        fold = set(pq.read_table(out / "seed-0" / "iter-2" / f"xfit-{k}" / "train.parquet").column("id").to_pylist())
+        other = set(pq.read_table(out / "seed-0" / "iter-2" / f"xfit-{k}" / "scored.parquet").column("id").to_pylist())
+        assert fold and not fold & other and fold | other == set(train["id"])
+
+
+def test_decisive_smoke_rerun_skips_everything(decisive_smoke, monkeypatch):
+    mod, out = decisive_smoke
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    texts = {n: (out / n).read_text() for n in ("results.json", "tables.md")}
+
+    def no_sera(*args):
+        raise AssertionError(f"a rerun ran sera {args}")
+
+    monkeypatch.setattr(mod, "sera", no_sera)
+    mod.run(mod.CONFIGS["decisive-smoke"], out)
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert set(after) == set(before)
+    changed = [p for p in before if before[p] != after[p] and p.name not in texts]
+    assert not changed, changed
+    assert {n: (out / n).read_text() for n in texts} == texts

@@ -17,8 +17,8 @@ import pytest
 from conftest import SHARED, standard_table
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.train_stage import train
+from sera_cli.commands.app import app
+from sera_cli.stages.train.api import train
 from trainers import TrainConfig
 from trainers.batch_order import local_micro_batches, step_batches
 from trainers.loop import lr_factor
@@ -105,13 +105,25 @@ def test_computed_reference_equals_stored(tmp_path, cli_run, tiny_policy, tiny_r
 
 
 def test_matching_provenance_never_loads_the_reference(tmp_path, scored, tiny_policy, tiny_ref, monkeypatch):
-    import sera_cli.models
+    import sera_cli.backends.models
 
     loaded = []
-    real = sera_cli.models.load_model
-    monkeypatch.setattr(sera_cli.models, "load_model", lambda ref, *a, **k: loaded.append(ref.spec) or real(ref, *a, **k))
+    real = sera_cli.backends.models.load_model
+    monkeypatch.setattr(sera_cli.backends.models, "load_model", lambda ref, *a, **k: loaded.append(ref.spec) or real(ref, *a, **k))
     summary = train(config(scored, tmp_path / "out", tiny_policy, ref=tiny_ref, max_steps=1))
     assert summary.ref_source == "input" and loaded == [tiny_policy]
+
+
+def test_a_train_stage_resolves_each_model_once(tmp_path, scored, tiny_policy, tiny_ref, monkeypatch):
+    """The stage resolves --policy and --ref once and passes the references down (a resolve reads the
+    folder's files to fingerprint them)."""
+    import sera_cli.backends.models
+
+    calls = []
+    real = sera_cli.backends.models.resolve
+    monkeypatch.setattr(sera_cli.backends.models, "resolve", lambda spec, *a: calls.append(spec) or real(spec, *a))
+    train(config(scored, tmp_path / "out", tiny_policy, ref=tiny_ref, max_steps=1))
+    assert sorted(calls) == sorted([tiny_policy, tiny_ref])
 
 
 def test_ipo_uses_length_averaged_ratios(tmp_path, scored, tiny_policy):
@@ -222,7 +234,7 @@ def test_output_is_a_model_folder_that_score_loads(tmp_path, cli_run, scored, ti
 
 
 def test_lora_saves_merged_weights_or_the_adapter(tmp_path, scored, tiny_policy):
-    from sera_cli.models import load_model, resolve
+    from sera_cli.backends.models import load_model, resolve
 
     train(config(scored, tmp_path / "merged", tiny_policy, lora_r=4, max_steps=2))
     train(config(scored, tmp_path / "adapter", tiny_policy, lora_r=4, max_steps=2, save_adapter=True))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import standard_table
 
-from sera_cli.train_stage import train
+from sera_cli.stages.train.api import train
 from trainers import TrainConfig
 
 

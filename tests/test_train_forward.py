@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import STANDARD_ROWS, conversational_table, standard_table
 
-from sera_cli.models import load_model, load_tokenizer, resolve
-from sera_cli.train_stage import train
+from sera_cli.backends.models import load_model, load_tokenizer, resolve
+from sera_cli.stages.train.api import train
 from trainers import TrainConfig
 from trainers.batch_order import longest_first_steps, pair_cost, step_batches
 from trainers.encode import encode
@@ -197,8 +197,8 @@ def test_float32_reference_from_score_is_reused_under_autocast(tmp_path, table_f
     """`score --dtype auto` stores float32 reference log-probs on a CPU; `train --ref --dtype auto` (bfloat16
     autocast where the CPU has it) reuses them: how the policy computes does not change how the reference
     numbers were computed, which is what the reference's identity records."""
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     scored = tmp_path / "scored.parquet"
     score(ScoreConfig(inputs=(table_files["standard"],), output=str(scored), policy=tiny_policy,

@@ -10,7 +10,7 @@ import torch
 from conftest import conversational_table, standard_table
 from test_train_forward import _grads, encoded_rows, loss_and_grads
 
-from sera_cli.models import load_model, load_tokenizer, resolve
+from sera_cli.backends.models import load_model, load_tokenizer, resolve
 from trainers.forward import PairLogps, length_groups
 
 

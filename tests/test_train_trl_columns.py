@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sera_cli.app import app
-from sera_cli.export import ExportConfig, export
-from sera_cli.train_stage import train
+from sera_cli.commands.app import app
+from sera_cli.stages.export import ExportConfig, export
+from sera_cli.stages.train.api import train
 from trainers import TrainConfig
 
 TRL = {"logp_ref_chosen": "ref_chosen_logps", "logp_ref_rejected": "ref_rejected_logps"}

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import conversational_table, standard_table
 
-from sera_cli.models import load_tokenizer, resolve
-from sera_cli.score import score
-from sera_cli.score_config import ScoreConfig
+from sera_cli.backends.models import load_tokenizer, resolve
+from sera_cli.stages.score.api import score
+from sera_cli.stages.score.config import ScoreConfig
 from trainers.encode import encode
 
 trl = pytest.importorskip("trl", reason="TRL parity needs `pip install trl==1.16.0` (the parity extra)")
@@ -63,8 +63,8 @@ def test_trl_trains_on_exported_reference_logps_with_the_same_losses(tmp_path, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from sera_cli.export import ExportConfig, export
-    from sera_cli.integrations.trl import StoredReferenceDPOTrainer
+    from sera_cli.backends.trl_trainer import StoredReferenceDPOTrainer
+    from sera_cli.stages.export import ExportConfig, export
 
     table = table_fn()
     src, scored, trl_file = (tmp_path / f"{n}.parquet" for n in ("pairs", "scored", "trl"))

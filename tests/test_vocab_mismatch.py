@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from conftest import _tiny_llama, standard_table
 from typer.testing import CliRunner
 
-from sera_cli.app import app
+from sera_cli.commands.app import app
 
 
 def test_different_vocabulary_sizes_are_refused_in_one_line(tmp_path, tiny_policy, smol):

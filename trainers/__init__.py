@@ -2,7 +2,7 @@
 log-probs, and the maths it shares with scoring (encoding conventions, log-probs, prompt sharing).
 
 A leaf library: it imports torch, transformers, accelerate and peft, never `sera_cli`. `trainers.loop.fit` runs
-the loop on a loaded model and encoded pairs; `sera train` (`sera_cli.train_stage`) reads the data, plans the
+the loop on a loaded model and encoded pairs; `sera train` (`sera_cli.stages.train.api`) reads the data, plans the
 reference and loads the models around it. Names are imported lazily, so `trainers.errors` or `trainers.encode`
 load no torch.
 """

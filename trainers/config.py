@@ -13,8 +13,18 @@ from trainers.losses import LOSSES, LossSpec
 SCHEDULES = ("linear", "cosine", "constant")
 
 
+
+class Settings:
+    """A frozen dataclass of settings (`TrainConfig` and every stage's config derive from it): `as_dict` is the
+    record provenance keeps and resume keys are made from."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(Settings):
+    """The settings of one training run (`sera train`): data, models, loss, optimiser and checkpoints."""
+
     inputs: tuple[str, ...]
     output: str
     policy: str
@@ -72,8 +82,6 @@ class TrainConfig:
     def resolved_beta(self) -> float:
         return self.spec.default_beta if self.beta is None else self.beta
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def check(self) -> None:
         """Every out-of-range or contradictory setting at once, as the user typed it, in one ConfigError."""

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+if TYPE_CHECKING:  # the module imports no torch: its specs are read by commands that must stay light
+    from torch import Tensor
+
+
+def _logsigmoid(x: Tensor) -> Tensor:
+    from torch.nn.functional import logsigmoid
+
+    return logsigmoid(x)
 
 
 def dpo_loss(h: Tensor, beta: float) -> Tensor:
     """DPO (SeRA Eq. 6; Rafailov et al. 2023): -log sigmoid(beta * h), h from summed log-probs."""
-    return -F.logsigmoid(beta * h)
+    return -_logsigmoid(beta * h)
 
 
 def ipo_loss(h: Tensor, beta: float) -> Tensor:
@@ -46,25 +52,25 @@ def slic_loss(h: Tensor, beta: float, delta: float) -> Tensor:
     Like TRL's `hinge` (delta = 1) the hinge acts on the log-ratio margin, so it optimises the IRM that SeRA
     selects by; the original SLiC-HF applies it to the policy's log-probs alone.
     """
-    return torch.relu(delta - beta * h)
+    return (delta - beta * h).clamp(min=0)
 
 
 def simpo_loss(h: Tensor, beta: float, gamma: float) -> Tensor:
     """SimPO (SeRA Eq. 18; Meng et al. 2024): -log sigmoid(beta * h - gamma), reference-free, h from the
     length-averaged log-probs log pi(y_w|x)/|y_w| - log pi(y_l|x)/|y_l|; gamma is the target reward margin."""
-    return -F.logsigmoid(beta * h - gamma)
+    return -_logsigmoid(beta * h - gamma)
 
 
 def cdpo_loss(h: Tensor, beta: float, eps: float) -> Tensor:
     """Conservative DPO (Mitchell 2023): DPO with labels smoothed by eps, the assumed flip rate:
     -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
-    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    return -(1 - eps) * _logsigmoid(beta * h) - eps * _logsigmoid(-beta * h)
 
 
 def rdpo_loss(h: Tensor, beta: float, eps: float) -> Tensor:
     """Robust DPO (Chowdhury et al. 2024): the unbiased estimate of the clean DPO loss under labels
     flipped with rate eps < 1/2: [(1 - eps) l(h) - eps l(-h)] / (1 - 2 eps), l(h) = -log sigmoid(beta h)."""
-    return ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return ((1 - eps) * -_logsigmoid(beta * h) - eps * -_logsigmoid(-beta * h)) / (1 - 2 * eps)
 
 
 @dataclass(frozen=True)
@@ -100,3 +106,37 @@ def log_ratios(policy: Tensor, ref: Tensor, ntok: Tensor, average: bool) -> Tens
                          f"ntok {tuple(ntok.shape)}")
     ratio = policy - ref.to(policy)
     return ratio / ntok.clamp(min=1).to(ratio) if average else ratio
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """An implicit reward r(x, y) from summed log-probs: whether it uses the reference and whether the log-ratio
+    is averaged per response token. Each loss trains on the margin of one of these (`reward_of`)."""
+
+    needs_ref: bool
+    average_logps: bool
+    summary: str
+
+
+REWARDS: dict[str, RewardSpec] = {
+    "dpo": RewardSpec(True, False, "beta * (log pi - log pi_ref), summed (SeRA Eq. 5)"),
+    "ipo": RewardSpec(True, True, "the same averaged per token (the margin IPO trains on)"),
+    "simpo": RewardSpec(False, True, "beta/|y| * log pi, reference-free (SimPO)"),
+}
+
+
+def implicit_reward(name: str, policy, ref, ntok, beta: float):
+    """r(x, y) of the reward `name` from summed log-probs (numpy or torch alike): beta * (policy - ref), divided by
+    the token count `ntok` (at least 1) when the reward is averaged; `ref` is ignored by a reference-free reward."""
+    spec = REWARDS[name]
+    ratio = policy - ref if spec.needs_ref else policy
+    if spec.average_logps:
+        ratio = ratio / (ntok.clip(min=1) if hasattr(ntok, "clip") else max(ntok, 1))
+    return beta * ratio
+
+
+def reward_of(loss: str) -> str:
+    """The implicit reward whose margin `loss` optimises: the one with the same reference use and averaging."""
+    spec = LOSSES[loss]
+    return next(name for name, r in REWARDS.items()
+                if (r.needs_ref, r.average_logps) == (spec.needs_ref, spec.average_logps))

@@ -4,7 +4,7 @@ natively, float32 elsewhere. The weights being trained (and AdamW's state) stay 
 A CPU does bfloat16 matmuls natively when it has AVX512_BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and
 later; AMD Zen 4 has AVX512_BF16); without them torch emulates bfloat16 and runs 2-5x slower than float32. So
 `--dtype auto` reads the CPU's flags at run time rather than assuming. Scoring keeps its own `auto` (float32 on
-CPU, `sera_cli.models.resolve_dtype`): its numbers are stored and compared, and bfloat16 moves a summed log-prob
+CPU, `sera_cli.backends.models.resolve_dtype`): its numbers are stored and compared, and bfloat16 moves a summed log-prob
 by tenths of a nat, where training only needs a gradient.
 """
 

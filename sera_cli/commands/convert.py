@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from sera_cli.options import ConfigOpt, OutputOpt, SeedOpt, SplitOpt, SubsetOpt
+from sera_cli.commands.options import ConfigOpt, OutputOpt, SeedOpt, SplitOpt, SubsetOpt
 
 SHOWN_ROWS = 5
 LAYOUTS = Literal["auto", "hh", "ultrafeedback", "plain", "implicit"]  # "auto" and convert_layouts.READERS
@@ -43,10 +43,10 @@ def convert(
 
     Example: sera convert trl-lib/ultrafeedback_binarized --split test -o pairs.parquet
     """
-    from sera_cli.console import console
-    from sera_cli.convert import ConvertConfig
-    from sera_cli.convert import convert as run
-    from sera_cli.hub_data import with_split
+    from sera_cli.data.console import console
+    from sera_cli.data.hub_data import with_split
+    from sera_cli.stages.convert import ConvertConfig
+    from sera_cli.stages.convert import convert as run
 
     config = ConvertConfig(inputs=with_split(inputs, split, subset), output=output, layout=layout, format=format,
                            flip=flip, seed=seed)
@@ -67,6 +67,6 @@ def _n(count: int, noun: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("convert")(guarded(convert))

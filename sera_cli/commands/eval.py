@@ -1,4 +1,4 @@
-"""`sera eval`: parse options, call `sera_cli.evaluation.run.evaluate`, print the table (or JSON)."""
+"""`sera eval`: parse options, call `sera_cli.stages.eval.api.evaluate`, print the table (or JSON)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from typing import Annotated, Literal
 
 import typer
 
-from sera_cli import options as o
+from sera_cli.commands import options as o
+from sera_cli.stages.eval.config import MODES
+
+Mode = Literal[MODES]
+Engine = o.Engine
 
 
 def eval_command(
@@ -57,7 +61,7 @@ def eval_command(
         "--judge-heldout",
         help="Held-out preference pairs (Parquet): a reward judge's own accuracy on them (chosen over rejected) is "
              "reported beside its verdicts.")] = None,
-    mode: Annotated[Literal["pairwise", "single"], typer.Option("--mode", help="pairwise (win rate against --baseline, both answer "
+    mode: Annotated[Mode, typer.Option("--mode", help="pairwise (win rate against --baseline, both answer "
                                       "orders) or single (1-10 grade).")] = "pairwise",
     turns: Annotated[Literal["first", "all"], typer.Option("--turns", help="first, or all (MT-bench's second turn is judged too, "
                                        "as '<id>:turn2').")] = "first",
@@ -68,7 +72,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per answer.",
                                                 min=1)] = 512,
     seed: o.SeedOpt = 0,
-    engine: Annotated[Literal["auto", "hf", "vllm"], typer.Option("--engine", help="Answer generation: hf, vllm or auto (as 'sera "
+    engine: Annotated[Engine, typer.Option("--engine", help="Answer generation: hf, vllm or auto (as 'sera "
                                         "generate').")] = "auto",
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
@@ -90,12 +94,12 @@ def eval_command(
     """
     import json
 
-    from sera_cli.chat_templates import use_chat_template
-    from sera_cli.console import console
-    from sera_cli.evaluation.config import EvalConfig
-    from sera_cli.evaluation.run import evaluate
-    from sera_cli.evaluation.table import rich_table
-    from sera_cli.hub import with_revision
+    from sera_cli.backends.chat_templates import use_chat_template
+    from sera_cli.backends.hub import with_revision
+    from sera_cli.data.console import console
+    from sera_cli.stages.eval.api import evaluate
+    from sera_cli.stages.eval.config import EvalConfig
+    from sera_cli.stages.eval.table import rich_table
 
     use_chat_template(chat_template)
     judge = with_revision(judge, judge_revision, "--judge-revision", "--judge")
@@ -126,6 +130,6 @@ def eval_command(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("eval")(guarded(eval_command))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli import options as o
+from sera_cli.commands import options as o
 
 
 def export(
@@ -19,14 +19,14 @@ def export(
     config_file: o.ConfigOpt = None,
 ) -> None:
     """Export scored pairs for another tool. `trl`: prompt, chosen, rejected, id and the reference log-probs as
-    `ref_chosen_logps`/`ref_rejected_logps`; `sera_cli.integrations.trl.StoredReferenceDPOTrainer` trains on
+    `ref_chosen_logps`/`ref_rejected_logps`; `sera_cli.backends.trl_trainer.StoredReferenceDPOTrainer` trains on
     them with no reference model loaded and no reference pass.
 
     Example: sera export trl scored.parquet -o trl.parquet
     """
-    from sera_cli.console import console
-    from sera_cli.export import ExportConfig
-    from sera_cli.export import export as run
+    from sera_cli.data.console import console
+    from sera_cli.stages.export import ExportConfig
+    from sera_cli.stages.export import export as run
 
     summary = run(ExportConfig(inputs=tuple(inputs), output=output, target=target, drop_truncated=drop_truncated))
     dropped = f" ({summary.dropped:,} truncated rows dropped)" if summary.dropped else ""
@@ -37,6 +37,6 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("export")(guarded(export))

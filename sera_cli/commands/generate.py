@@ -1,13 +1,13 @@
-"""`sera generate`: parse options, call `sera_cli.generation.run.generate`, print one summary line."""
+"""`sera generate`: parse options, call `sera_cli.stages.generate.api.generate`, print one summary line."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
-from sera_cli import options as o
-from sera_cli.generation.config import CACHE_TOKENS
+from sera_cli.commands import options as o
+from sera_cli.stages.generate.config import CACHE_TOKENS
 
 
 def generate_command(
@@ -28,7 +28,7 @@ def generate_command(
     max_redraws: Annotated[int, typer.Option("--max-redraws", help="Rounds of re-drawing for prompts whose "
                                              "responses repeat (or are empty); what is still missing is reported.",
                                              min=0)] = 3,
-    engine: Annotated[Literal["auto", "hf", "vllm"], typer.Option("--engine", help="hf (transformers), vllm, or auto: vllm where it is "
+    engine: Annotated[o.Engine, typer.Option("--engine", help="hf (transformers), vllm, or auto: vllm where it is "
                                         "installed and a GPU is present, else hf.")] = "auto",
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
@@ -52,7 +52,7 @@ def generate_command(
                                         "logp_policy, logp_ref, ntok, reward.")] = False,
     ref: o.RefOpt = None,
     ref_revision: o.RefRevisionOpt = None,
-    reward: Annotated[Literal["dpo", "ipo", "simpo"], typer.Option("--reward", help="With --score: dpo (needs --ref), ipo (dpo averaged per token) or simpo.")] = "dpo",
+    reward: Annotated[o.Reward, typer.Option("--reward", help="With --score: dpo (needs --ref), ipo (dpo averaged per token) or simpo.")] = "dpo",
     beta: o.BetaOpt = 0.1,
     max_length: o.MaxLengthOpt = o.MAX_LENGTH,
     max_prompt_length: o.MaxPromptLengthOpt = o.MAX_PROMPT_LENGTH,
@@ -77,16 +77,16 @@ def generate_command(
 
     Example: sera generate prompts.parquet --policy pi1/ --n 4 --seed 1 -o candidates.parquet
     """
-    from sera_cli.chat_templates import use_chat_template
+    from sera_cli.backends.chat_templates import use_chat_template
 
     use_chat_template(chat_template)
-    from sera_cli.chunk_store import parse_shard
-    from sera_cli.console import console
-    from sera_cli.generation.config import GenerateConfig
-    from sera_cli.generation.run import generate
-    from sera_cli.hub import with_revision
-    from sera_cli.hub_data import with_split
-    from sera_cli.ray_stages import address, ray_generate
+    from sera_cli.backends.hub import with_revision
+    from sera_cli.data.chunk_store import parse_shard
+    from sera_cli.data.console import console
+    from sera_cli.data.hub_data import with_split
+    from sera_cli.parallel.ray_pool import address
+    from sera_cli.stages.generate.api import generate
+    from sera_cli.stages.generate.config import GenerateConfig
 
     policy, ref = with_revision(policy, revision), with_revision(ref, ref_revision, "--ref-revision", "--ref")
     config = GenerateConfig(
@@ -98,7 +98,7 @@ def generate_command(
         score=score, ref=ref, reward=reward, beta=beta, max_length=max_length, max_prompt_length=max_prompt_length,
         cache=cache, ray_address=address(ray, ray_address), ray_actors=ray_actors, precision_check=precision_check,
         prev_policy=prev_policy, prev_ref=prev_ref, ensemble_lambda=ensemble_lambda)
-    if line := (ray_generate if config.ray_address else generate)(config).line():  # empty on the other ranks of a launch
+    if line := generate(config).line():  # empty on the other ranks of a launch
         console.print(line, soft_wrap=True)
 
 
@@ -115,6 +115,6 @@ PANELS = {
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("generate")(guarded(o.panels(generate_command, PANELS)))

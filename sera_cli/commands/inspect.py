@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import InputsArg, JsonOpt, K1Opt
+from sera_cli.commands.options import InputsArg, JsonOpt, K1Opt
 
 
 def inspect(
@@ -25,9 +25,9 @@ def inspect(
     """
     import json as json_lib
 
-    from sera_cli.console import console
-    from sera_cli.inspect import InspectConfig, render
-    from sera_cli.inspect import inspect as run
+    from sera_cli.data.console import console
+    from sera_cli.stages.inspect.api import InspectConfig, render
+    from sera_cli.stages.inspect.api import inspect as run
 
     config = InspectConfig(inputs=tuple(inputs), k1=k1, bins=bins, plot=plot)
     report = run(config)
@@ -40,6 +40,6 @@ def inspect(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("inspect")(guarded(inspect))

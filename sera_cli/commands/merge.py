@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import ConfigOpt, OutputOpt
+from sera_cli.commands.options import ConfigOpt, OutputOpt
 
 
 def merge(
@@ -19,14 +19,14 @@ def merge(
 
     Example: sera merge scored-0.parquet scored-1.parquet scored-2.parquet -o scored.parquet
     """
-    from sera_cli.console import console
-    from sera_cli.merge import MergeConfig
-    from sera_cli.merge import merge as run
+    from sera_cli.data.console import console
+    from sera_cli.stages.merge import MergeConfig
+    from sera_cli.stages.merge import merge as run
 
     console.print(run(MergeConfig(shards=tuple(shards), output=output)).line(), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("merge")(guarded(merge))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import ConfigOpt, K1Opt, K2Opt, OutputOpt, SeedOpt
+from sera_cli.commands.options import ConfigOpt, K1Opt, K2Opt, OutputOpt, SeedOpt
 
 
 def mix(
@@ -32,9 +32,9 @@ def mix(
 
     Example: sera mix --offline selected.parquet --generated generated.parquet --k1 0.7 --k2 0.3 -o train.parquet
     """
-    from sera_cli.console import console
-    from sera_cli.mix import MixConfig
-    from sera_cli.mix import mix as run
+    from sera_cli.data.console import console
+    from sera_cli.stages.mix import MixConfig
+    from sera_cli.stages.mix import mix as run
 
     config = MixConfig(offline=offline, generated=generated, output=output, k1=k1, k2=k2, n=n, seed=seed,
                        iteration=iteration, allow_shortfall=allow_shortfall)
@@ -52,6 +52,6 @@ def mix(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("mix")(guarded(mix))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli import options as o
+from sera_cli.commands import options as o
 
 
 def report(
@@ -29,9 +29,9 @@ def report(
 
     from rich.console import Console
 
-    from sera_cli import report as rep
-    from sera_cli.console import console
-    from sera_cli.evaluation.table import is_eval_folder, read_summary, rich_table
+    from sera_cli.data.console import console
+    from sera_cli.stages.eval.table import is_eval_folder, read_summary, rich_table
+    from sera_cli.stages.report import api as rep
 
     out = Console(highlight=False)  # the report is the command's output: stdout, so `> r.txt` keeps it
     evals = [w for w in workdirs if is_eval_folder(w)]
@@ -51,6 +51,6 @@ def report(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("report")(guarded(report))

@@ -7,22 +7,25 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from sera_cli import options as o
-from sera_cli.trackers import TRACKERS
+from sera_cli.backends.trackers import TRACKERS
+from sera_cli.commands import options as o
+from sera_cli.stages.eval.config import MODES
+from sera_cli.stages.run.config import METHODS
+from trainers.losses import LOSSES
 
 Int = int | None
 Float = float | None
 Str = str | None
-# fixed choices, typed as choices (the same as pipeline.config.METHODS, LOSSES: tests/test_help.py)
-Method = Literal["sera", "sera-select", "dpo", "iterative-dpo"]
-Loss = Literal["dpo", "ipo", "slic", "simpo", "cdpo", "rdpo"]
-Engine = Literal["auto", "hf", "vllm"]
-EvalMode = Literal["pairwise", "single"]
+# fixed choices, typed as choices, from their one home each
+Method = Literal[METHODS]
+Loss = Literal[tuple(LOSSES)]
+Engine = o.Engine
+EvalMode = Literal[MODES]
 
 
 def _opt(flag: str, help: str, **kw: Any):
     """An option whose help ends with its default (from RunConfig, so help and behaviour cannot drift)."""
-    from sera_cli.pipeline.config import DEMO_PRESET, RunConfig
+    from sera_cli.stages.run.config import DEMO_PRESET, RunConfig
 
     name = flag.split("/")[0].removeprefix("--").replace("-", "_")
     if hasattr(RunConfig, name):
@@ -124,9 +127,9 @@ def run(
 
     Example: sera run trl-lib/ultrafeedback_binarized --split 'train[:2000]' --workdir runs/uf
     """
-    from sera_cli.chat_templates import use_chat_template
-    from sera_cli.hub import with_revision
-    from sera_cli.ray_stages import address
+    from sera_cli.backends.chat_templates import use_chat_template
+    from sera_cli.backends.hub import with_revision
+    from sera_cli.parallel.ray_pool import address
 
     use_chat_template(chat_template)
     flags = {k: v for k, v in locals().items() if k not in ("config", "report", "revision", "with_revision", "ray",
@@ -147,16 +150,16 @@ def demo(
 
     Example: sera demo --workdir sera-demo
     """
-    from sera_cli.chat_templates import use_chat_template
+    from sera_cli.backends.chat_templates import use_chat_template
 
     use_chat_template(None)
     _run(None, {"workdir": workdir, "method": method}, True)
 
 
 def _run(config_file: str | None, flags: dict[str, Any], report: bool) -> None:
-    from sera_cli.console import console
-    from sera_cli.pipeline.config import load
-    from sera_cli.pipeline.loop import run as run_loop
+    from sera_cli.data.console import console
+    from sera_cli.stages.run.api import run as run_loop
+    from sera_cli.stages.run.config import load
 
     config = load(config_file, flags)
     header = [f"[bold]sera run[/]: method {config.method}, {config.iterations} iteration(s), "
@@ -183,10 +186,10 @@ def _run(config_file: str | None, flags: dict[str, Any], report: bool) -> None:
                       "again to go on from there")
         raise typer.Exit(130) from None
     console.print(summary.line())
-    if report:  # the table on stdout, then the workdir and what to run next (sera_cli.run_output)
+    if report:  # the table on stdout, then the workdir and what to run next (sera_cli.commands.run_output)
         from pathlib import Path
 
-        from sera_cli.run_output import print_report
+        from sera_cli.commands.run_output import print_report
 
         print_report(Path(config.workdir))
 
@@ -205,7 +208,7 @@ PANELS = {
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("run")(guarded(o.panels(run, PANELS)))
     app.command("demo")(guarded(demo))

@@ -1,4 +1,4 @@
-"""`sera score`: parse options, call `sera_cli.score.score`, print one summary line."""
+"""`sera score`: parse options, call `sera_cli.stages.score.api.score`, print one summary line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from sera_cli import options as o
+from sera_cli.commands import options as o
 
 
 def score_command(
@@ -19,7 +19,7 @@ def score_command(
     split: o.SplitOpt = None,
     subset: o.SubsetOpt = None,
     config_file: o.ConfigOpt = None,
-    reward: Annotated[Literal["dpo", "ipo", "simpo"], typer.Option("--reward", help="dpo: beta*(log pi - log pi_ref), summed (Eq. 5); "
+    reward: Annotated[o.Reward, typer.Option("--reward", help="dpo: beta*(log pi - log pi_ref), summed (Eq. 5); "
                                         "ipo: the same averaged per token (the margin IPO trains on); simpo: beta/|y| * log pi, "
                                         "reference-free.")] = "dpo",
     beta: o.BetaOpt = 0.1,
@@ -53,20 +53,18 @@ def score_command(
 
     Example: sera score pairs.parquet --policy pi1/ --ref smollm2-135m -o scored.parquet
     """
-    from sera_cli.chat_templates import use_chat_template
+    from sera_cli.backends.chat_templates import use_chat_template
 
     use_chat_template(chat_template)
-    from sera_cli.chunk_store import parse_shard
-    from sera_cli.console import console
-    from sera_cli.errors import ConfigError
-    from sera_cli.hub import with_revision
-    from sera_cli.hub_data import with_split
-    from sera_cli.ray_stages import address, ray_score
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.backends.hub import with_revision
+    from sera_cli.data.chunk_store import parse_shard
+    from sera_cli.data.console import console
+    from sera_cli.data.errors import ConfigError
+    from sera_cli.data.hub_data import with_split
+    from sera_cli.parallel.ray_pool import address
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
-    if reward not in ("dpo", "ipo", "simpo"):
-        raise ConfigError(f"--reward {reward}: expected dpo, ipo or simpo")
     if prev_missing not in ("error", "current"):
         raise ConfigError(f"--prev-missing {prev_missing}: expected error or current")
     policy, ref = with_revision(policy, revision), with_revision(ref, ref_revision, "--ref-revision", "--ref")
@@ -77,7 +75,7 @@ def score_command(
                          batch_tokens=batch_tokens, low_memory=low_memory, cache=cache, resume=resume,
                          shard=parse_shard(shard), chunk_rows=chunk_rows, trust_remote_code=trust_remote_code,
                          progress=not quiet, ray_address=address(ray, ray_address), ray_actors=ray_actors)
-    if line := (ray_score if config.ray_address else score)(config).line():  # empty on the other ranks of a launch
+    if line := score(config).line():  # empty on the other ranks of a launch
         console.print(line, soft_wrap=True)
 
 
@@ -92,6 +90,6 @@ PANELS = {
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("score")(guarded(o.panels(score_command, PANELS)))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import ConfigOpt, InputsArg, OutputOpt
+from sera_cli.commands.options import ConfigOpt, InputsArg, OutputOpt
 
 
 def select(
@@ -31,9 +31,9 @@ def select(
 
     Example: sera select candidates-scored.parquet --pairs --top 0.3 -o generated.parquet
     """
-    from sera_cli.console import console
-    from sera_cli.select import SelectConfig
-    from sera_cli.select import select as run
+    from sera_cli.data.console import console
+    from sera_cli.stages.select.api import SelectConfig
+    from sera_cli.stages.select.api import select as run
 
     config = SelectConfig(inputs=tuple(inputs), output=output, top=top, count=count, min_irm=min_irm, by=by,
                           drop_ties=drop_ties, pairs=pairs)
@@ -50,6 +50,6 @@ def select(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("select")(guarded(select))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sera_cli.options import JsonOpt
+from sera_cli.commands.options import JsonOpt
 
 
 def sql(
@@ -25,9 +25,9 @@ def sql(
     """
     from rich.console import Console
 
-    from sera_cli.console import console
-    from sera_cli.sqlquery import SqlConfig, as_json, render
-    from sera_cli.sqlquery import sql as run
+    from sera_cli.data.console import console
+    from sera_cli.stages.sql import SqlConfig, as_json, render
+    from sera_cli.stages.sql import sql as run
 
     config = SqlConfig(query=query, inputs=tuple(inputs), output=output, json=json, max_rows=max_rows)
     table = run(config)
@@ -41,6 +41,6 @@ def sql(
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("sql")(guarded(sql))

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from sera_cli import options as o
-from sera_cli.trackers import TRACKERS
+from sera_cli.backends.trackers import TRACKERS
+from sera_cli.commands import options as o
 
 
 def train_command(
@@ -81,13 +81,13 @@ def train_command(
 
     Example: sera train scored.parquet --policy smollm2-135m --ref smollm2-135m --lr 1e-6 -o pi1/
     """
-    from sera_cli.chat_templates import use_chat_template
+    from sera_cli.backends.chat_templates import use_chat_template
 
     use_chat_template(chat_template)
-    from sera_cli.console import console
-    from sera_cli.hub import with_revision
-    from sera_cli.hub_data import with_split
-    from sera_cli.train_stage import train
+    from sera_cli.backends.hub import with_revision
+    from sera_cli.data.console import console
+    from sera_cli.data.hub_data import with_split
+    from sera_cli.stages.train.api import train
     from trainers import TrainConfig
 
     policy, ref = with_revision(policy, revision), with_revision(ref, ref_revision, "--ref-revision", "--ref")
@@ -120,6 +120,6 @@ PANELS = {
 
 
 def register(app: typer.Typer) -> None:
-    from sera_cli.app import guarded
+    from sera_cli.commands.edge import guarded
 
     app.command("train")(guarded(o.panels(train_command, PANELS)))

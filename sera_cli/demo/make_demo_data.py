@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sera_cli.hashing import row_id
+from sera_cli.data.hashing import row_id
 
 SYSTEM = "Answer in one short sentence."
 CAPITALS = {

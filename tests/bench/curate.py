@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sera_cli import provenance
-from sera_cli.mix import MixConfig, mix
-from sera_cli.select import SelectConfig, select
+from sera_cli.data import provenance
+from sera_cli.stages.mix import MixConfig, mix
+from sera_cli.stages.select.api import SelectConfig, select
 
 TARGET_S = 10.0
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from sera_cli.evaluation.answers import Generation, generated_answers  # noqa: E402
-from sera_cli.evaluation.config import EvalConfig  # noqa: E402
-from sera_cli.evaluation.prompts import read_questions  # noqa: E402
-from sera_cli.evaluation.run import evaluate  # noqa: E402
+from sera_cli.stages.eval.answers import Generation, generated_answers
+from sera_cli.stages.eval.api import evaluate
+from sera_cli.stages.eval.config import EvalConfig
+from sera_cli.stages.eval.questions import read_questions
 from tests.conftest import SHARED  # noqa: E402
 
 SERVED = "smollm2-judge"
@@ -103,7 +103,7 @@ def main() -> None:
         for kind in args.judges.split(","):
             extra = {"judge": "smollm2-135m", "judge_batch_size": 16}
             if kind == "endpoint":
-                from sera_cli.models import resolve
+                from sera_cli.backends.models import resolve
 
                 proc, url = start_server(resolve("smollm2-135m").path, work / "vllm-serve.log", args.eager)
                 extra = {"judge_url": url, "judge_model": SERVED, "judge_concurrency": args.concurrency}

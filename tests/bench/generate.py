@@ -69,7 +69,7 @@ def cpu_dtype() -> str:
 
 
 def count_tokens(samples, stops, max_new: int) -> int:
-    from sera_cli.generation.sampling import trim
+    from sera_cli.backends.engines.sampling import trim
 
     return sum(len(trim(ids, stops, max_new)[0]) for per_prompt in samples for ids in per_prompt)
 
@@ -77,7 +77,7 @@ def count_tokens(samples, stops, max_new: int) -> int:
 def run_loop(name, ref, tok, ids, args, dtype, stops):
     import torch
 
-    from sera_cli.models import load_model
+    from sera_cli.backends.models import load_model
 
     model = load_model(ref, dtype, "cpu")
     torch.manual_seed(0)
@@ -93,12 +93,12 @@ def run_loop(name, ref, tok, ids, args, dtype, stops):
 
 
 def run_engine(name, ref, tok, ids, args, dtype, stops):
-    from sera_cli.generation.sampling import Request, draw_seed
+    from sera_cli.backends.engines.sampling import Request, draw_seed
 
     t0 = time.perf_counter()
     if name in ("hf", "hf-plain", "hf-mkl", "baseline"):
-        from sera_cli.generation.engine_hf import HFEngine
-        from sera_cli.generation.engine_hf_reference import ReferenceHFEngine
+        from sera_cli.backends.engines.hf import HFEngine
+        from sera_cli.backends.engines.hf_baseline import ReferenceHFEngine
 
         extra = {"hf-plain": {"fast_decode": False}, "hf-mkl": {"onednn": False}}.get(name, {})
         engine = (ReferenceHFEngine if name == "baseline" else HFEngine)(
@@ -107,7 +107,7 @@ def run_engine(name, ref, tok, ids, args, dtype, stops):
             temperature=0.7, top_p=0.95,
             max_new_tokens=args.tokens, stop_ids=stops, **extra)
     else:
-        from sera_cli.generation.engine_vllm import VLLMEngine
+        from sera_cli.backends.engines.vllm import VLLMEngine
 
         longest = max(len(p) for p in ids) + args.tokens
         engine = VLLMEngine(ref, tok, dtype=dtype, device="cpu", seed=0, temperature=0.7, top_p=0.95,
@@ -142,7 +142,7 @@ def linear_peak(model, rows: int, dtype: str) -> tuple[float, float]:
     available) at the model's MLP shape with `rows` rows: (wall clock, per CPU-second)."""
     import torch
 
-    from sera_cli.generation.packed_linear import pack, packed_linear
+    from sera_cli.backends.engines.packed_linear import pack, packed_linear
 
     cfg = model.config
     dt = getattr(torch, dtype)
@@ -183,8 +183,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sera_cli.generation.prompts import prompt_tokens, stop_ids
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.chat_templates import stop_ids
+    from sera_cli.backends.models import load_tokenizer, resolve
+    from sera_cli.stages.generate.prompts import prompt_tokens
 
     ref = resolve("smollm2-135m")
     tok = load_tokenizer(ref)
@@ -230,7 +231,7 @@ def main() -> None:
 
 def same(outputs, stops, max_new: int, name: str = "hf") -> str:
     """How many samples engine `name` and the baseline agree on token for token (up to the stop token)."""
-    from sera_cli.generation.sampling import trim
+    from sera_cli.backends.engines.sampling import trim
 
     pairs = [(trim(a, stops, max_new)[0], trim(b, stops, max_new)[0])
              for pa, pb in zip(outputs[name], outputs["baseline"], strict=True) for a, b in zip(pa, pb, strict=True)]

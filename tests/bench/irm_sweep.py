@@ -58,7 +58,7 @@ def cell(out: Path, rows: int, lr: float, base: study.Scale, policy: str | None)
 
 def auroc_ci(scores: np.ndarray, flipped: np.ndarray, seed: int = 0, draws: int = 1000) -> tuple[float, float]:
     """95% percentile bootstrap interval (rows resampled) of the AUROC of a low score for the flipped rows."""
-    from sera_cli.rankstats import auroc
+    from sera_cli.data.rankstats import auroc
 
     rng = np.random.default_rng(seed)
     values = []

@@ -49,8 +49,8 @@ def main() -> None:
     if args.logits:
         return calibrated(args)
 
-    from sera_cli.evaluation.config import EvalConfig
-    from sera_cli.evaluation.run import evaluate
+    from sera_cli.stages.eval.api import evaluate
+    from sera_cli.stages.eval.config import EvalConfig
 
     rows = _pairs(args.pairs)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="judge-check-"))
@@ -95,10 +95,10 @@ def calibrated(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from sera_cli.evaluation.judge_local import LocalJudge
-    from sera_cli.evaluation.prompts import Question
-    from sera_cli.evaluation.protocol import judge_messages
-    from sera_cli.models import load_model
+    from sera_cli.backends.judges.local import LocalJudge
+    from sera_cli.backends.models import load_model
+    from sera_cli.stages.eval.protocol import judge_messages
+    from sera_cli.stages.eval.questions import Question
 
     rows = _pairs(args.pairs)
     judge = LocalJudge(args.judge, max_tokens=args.max_tokens, prefill=args.prefill)  # its prompts, as `sera eval`'s

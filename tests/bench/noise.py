@@ -34,11 +34,11 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).parent))
 from hh import hh_pairs  # noqa: E402
 
-from sera_cli.pipeline.config import build  # noqa: E402
-from sera_cli.pipeline.loop import run  # noqa: E402
-from sera_cli.rankstats import auroc  # noqa: E402
-from sera_cli.score import score  # noqa: E402
-from sera_cli.score_config import ScoreConfig  # noqa: E402
+from sera_cli.data.rankstats import auroc
+from sera_cli.stages.run.api import run
+from sera_cli.stages.run.config import build
+from sera_cli.stages.score.api import score
+from sera_cli.stages.score.config import ScoreConfig
 
 K1 = 0.7
 

@@ -1,7 +1,7 @@
 """Benchmark: `sera score` against a straightforward TRL-style scorer, same process, same pairs.
 
 Baseline: chosen and rejected of each pair concatenated in one right-padded batch, full-vocabulary logits and
-log-softmax at every position, policy and reference both in memory. sera: `sera_cli.score.score` end to end
+log-softmax at every position, policy and reference both in memory. sera: `sera_cli.stages.score.api.score` end to end
 (tokenization, each prompt run once, prompts and responses in length-sorted token-budget batches, vocabulary
 projection at response positions only).
 
@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from hh import hh_pairs  # noqa: E402
 
-from sera_cli.models import load_model, load_tokenizer, resolve  # noqa: E402
-from sera_cli.score import score  # noqa: E402
-from sera_cli.score_config import ScoreConfig  # noqa: E402
+from sera_cli.backends.models import load_model, load_tokenizer, resolve
+from sera_cli.stages.score.api import score
+from sera_cli.stages.score.config import ScoreConfig
 from trainers.encode import encode  # noqa: E402
 
 

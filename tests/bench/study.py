@@ -6,6 +6,8 @@
     python tests/bench/study.py --scale gpu --out study-gpu/      # one large GPU, vLLM, bfloat16
     python tests/bench/study.py --scale gpu --dry-run --out /tmp/gpu-dry   # the GPU plumbing on CPU
     python tests/bench/study.py --scale cpu --out study/ --tables # only print the tables of what has run
+    python tests/bench/study.py --scale cpu-decisive --out decisive/     # the decisive study (tests/bench/decisive.py)
+    python tests/bench/study.py --scale decisive-smoke --out dsmoke/     # its plumbing, tiny random Llama (CI)
 
 Data: the UltraFeedback sample (`../shared/data/ultrafeedback-sample`, GPT-4-labelled), a seeded sample of its
 training pairs converted with `sera convert --format conversational --flip F` (so round(F * rows) labels are
@@ -152,8 +154,8 @@ def _show(stage, event: str, record) -> None:
 
 def sera_run(data: Path, settings: dict) -> None:
     """`sera run DATA --no-report <settings>`, in this process (one torch import for the whole study)."""
-    from sera_cli.pipeline.config import build
-    from sera_cli.pipeline.loop import run
+    from sera_cli.stages.run.api import run
+    from sera_cli.stages.run.config import build
 
     log("$ sera run " + " ".join(shlex.quote(a) for a in [str(data), "--no-report", *flags(settings)]))
     run(build(None, {**settings, "data": (str(data),)}), on_stage=_show)
@@ -166,7 +168,7 @@ def tiny_policy(out: Path) -> str:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from sera_cli.models import resolve
+        from sera_cli.backends.models import resolve
 
         config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -277,15 +279,15 @@ def link_cache(wd: Path, out: Path) -> None:
 def heldout_score(wd: Path, t: int, held: Path, policy: str, run: dict, name: str = "heldout_scored") -> Path:
     """Score pairs (the held-out ones by default) with (pi_t, pi_0) into iter-t/<name>.parquet (redone if pi_t
     changed)."""
-    from sera_cli.pipeline.stages import content_hash
+    from sera_cli.stages.run.ledger import content_hash
 
     out, model = wd / f"iter-{t}" / f"{name}.parquet", wd / f"iter-{t}" / "model"
     stamp = out.with_suffix(".model")
     fp = content_hash(model)
     if out.exists() and stamp.exists() and stamp.read_text() == fp:
         return out
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     sc = ScoreConfig(inputs=(str(held),), output=str(out), policy=str(model), ref=policy, beta=run["beta"],
                      dtype=run["dtype"], device=run.get("device", "auto"), max_length=run["max_length"],
@@ -361,7 +363,7 @@ def kept_share(scores: np.ndarray, flipped: np.ndarray, k1: float) -> float:
 
 def selector_stats(scores: np.ndarray, t: dict, k1: float) -> dict:
     """How a selection score (high = keep) agrees with the flips and with GPT-4's score margin."""
-    from sera_cli.rankstats import auroc, spearman
+    from sera_cli.data.rankstats import auroc, spearman
 
     out = {}
     if "flipped" in t:
@@ -405,7 +407,7 @@ def baseline_rows(wd: Path, k1: float, seed: int) -> list[tuple[str, int, dict]]
 
 def policy_rows(wd: Path) -> list[dict]:
     """Per iteration: training rows, train loss and reward accuracy, held-out accuracy with its interval."""
-    from sera_cli.rankstats import spearman
+    from sera_cli.data.rankstats import spearman
 
     out = []
     t = 1
@@ -544,9 +546,20 @@ def override(scale: Scale, args: argparse.Namespace) -> Scale:
                    clean_methods=clean)
 
 
+DECISIVE = ("cpu-decisive", "decisive-smoke")  # tests/bench/decisive.py (issue 35): its own phases and options
+
+
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--scale")
+    if pre.parse_known_args()[0].scale in DECISIVE:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import decisive
+
+        decisive.main(sys.argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--scale", choices=sorted(SCALES) + list(DECISIVE), default="cpu")
     ap.add_argument("--out", required=True, help="study folder (rerun the same command to resume)")
     ap.add_argument("--dry-run", action="store_true", help="the scale's plumbing with a tiny model on CPU")
     ap.add_argument("--policy", default=None, help="pi_0 instead of the scale's (smoke: a tiny model)")

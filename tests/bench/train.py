@@ -70,7 +70,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sera_cli.train_stage import train
+    from sera_cli.stages.train.api import train
     from trainers import TrainConfig
 
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def trl_child(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from sera_cli.models import quiet_transformers, resolve
+    from sera_cli.backends.models import quiet_transformers, resolve
 
     quiet_transformers()
     t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def data_name(args) -> str:
 def fitting(rows: list[dict], args) -> list[dict]:
     """The first `--pairs` rows whose prompt leaves room for a response within --max-length (TRL drops the
     others; sera would cut their prompts, so the two would train on different tokens)."""
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.models import load_tokenizer, resolve
     from trainers.encode import encode
 
     tok = load_tokenizer(resolve(args.model))
@@ -285,8 +285,8 @@ def bench(args, like_trl: bool) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sera_cli.score import score
-    from sera_cli.score_config import ScoreConfig
+    from sera_cli.stages.score.api import score
+    from sera_cli.stages.score.config import ScoreConfig
 
     load = os.getloadavg()
     lengths = {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
@@ -477,7 +477,7 @@ def whole_process(args) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sera_cli.models import load_tokenizer, resolve
+    from sera_cli.backends.models import load_tokenizer, resolve
     from trainers.encode import encode
 
     env = {**os.environ, **ISA_ENV[args.isa]}

@@ -40,7 +40,7 @@ def main() -> None:
 
     import torch
 
-    from sera_cli.models import load_model, load_tokenizer, resolve
+    from sera_cli.backends.models import load_model, load_tokenizer, resolve
     from trainers.encode import encode
     from trainers.forward import PairLogps
 

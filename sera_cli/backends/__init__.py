@@ -1,0 +1,1 @@
+"""What computes: models and their resolution (HF folders, GGUF, adapters, Hub ids), log-probs (`logps/`), generation engines (`engines/`), judges (`judges/`), trackers and the TRL hand-off. Backends know no stage and no command."""

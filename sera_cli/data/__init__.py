@@ -1,0 +1,1 @@
+"""The data contract and the plumbing every layer shares: columns and their checks, reading and writing tables atomically, provenance and lineage, hashing, chunk stores, locks, raw input layouts, console output, errors and the finite-number check. It imports nothing from the layers above."""

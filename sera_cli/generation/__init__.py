@@ -1,1 +1,0 @@
-"""On-policy candidates: N distinct sampled responses per prompt, with a transformers or a vLLM engine."""

@@ -1,0 +1,1 @@
+"""Running a stage's chunks on more than one process: launcher ranks (`torchrun`, `accelerate launch`) and Ray. This layer receives the functions it runs from the stage (compute a chunk, check a part, merge parts) and never imports a stage."""

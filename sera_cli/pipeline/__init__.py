@@ -1,1 +1,0 @@
-"""`sera run`: the SeRA loop and its baselines as a schedule of resumable stages (see `loop`)."""

@@ -1,0 +1,1 @@
+"""The stages: one module or folder per `sera` command (`sera X` = `commands/X.py` = `stages/X`), each with its config beside it. A stage reads and checks its inputs, computes through `parallel/` and `backends/`, and writes its outputs atomically with provenance. Stages may call each other (`run` calls them all); they never import `commands/`."""

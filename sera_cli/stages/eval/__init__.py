@@ -1,0 +1,1 @@
+"""`sera eval`: LLM-judge or reward-judge evaluation of aligned policies (judges in `backends/judges`)."""

@@ -1,0 +1,1 @@
+"""`sera inspect`: what the margins of a scored file say."""

@@ -1,0 +1,1 @@
+"""`sera report`: tables and figures of one or more `sera run` workdirs."""
