@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import xxhash
 
 from sera_cli.data.errors import SeraError
@@ -42,9 +41,9 @@ def ray_score_table(cluster: RayCluster, table: pa.Table, config, shard: dict[st
                 store=None, t0: float | None = None):
     """`score_table` on the cluster's actors: (the scored table with provenance, its summary). Chunks are saved in
     `store` (without one, the output's score chunk store, emptied once the table is scored)."""
-    from sera_cli.data import lineage, provenance
-    from sera_cli.data.chunk_store import ChunkStore, chunk_key, with_rows
-    from sera_cli.stages.score.scoring import ScoreSummary, score_table
+    from sera_cli.data import provenance
+    from sera_cli.data.chunk_store import ChunkStore, chunk_key
+    from sera_cli.stages.score.scoring import ScoreSummary, score_provenance, score_table
 
     if store is None:
         with ChunkStore(config.output, "score", config.resume) as own:
@@ -83,15 +82,11 @@ def ray_score_table(cluster: RayCluster, table: pa.Table, config, shard: dict[st
                             "identities (nodes with other devices or dtypes?); pass --dtype and --device, and "
                             "rerun without --resume")
     out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
-    truncated = int(pc.sum(out.column("truncated")).as_py() or 0)
-    prov = provenance.record(  # as score_table records it, and the cluster
-        "score", {k: v for k, v in config.as_dict().items() if k != "progress"},
-        logps=provs[0].get("logps"), models=provs[0].get("models"), rows=out.num_rows, truncated=truncated,
-        **({"shard": with_rows(shard, out)} if shard else {}),
-        parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p],
-        ray=cluster.record())
+    folded = sum((p.get("chat_template") or {}).get("system_folded_rows", 0) for p in provs)
+    prov = score_provenance(config, out, table, inputs, shard, logps=provs[0].get("logps"),
+                            models=provs[0].get("models"), folded=folded, ray=cluster.record())
     per_row = (1 if "response" in table.column_names else 2) * (2 if REWARDS[config.reward].needs_ref else 1)
-    summary = ScoreSummary(out.num_rows, truncated, out.num_rows * per_row, totals["computed"], totals["cached"],
+    summary = ScoreSummary(out.num_rows, prov["truncated"], out.num_rows * per_row, totals["computed"], totals["cached"],
                            sum(parts[c].num_rows for c in resumed) * per_row, totals["tokens"],
                            time.perf_counter() - t0, config.output, store.stale)
     return provenance.attach(out, prov), summary

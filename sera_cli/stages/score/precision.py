@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from sera_cli.stages.score.config import DEFAULT_PAIRS  # noqa: F401  (re-exported: the check's default)
-
 LEVEL = 0.95  # sign agreement the noise floor guarantees above it
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sera_cli.backends.logps.chunks import ChunkedLogps
 from sera_cli.data import provenance
@@ -108,7 +109,7 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
             scored = score_table(table, config, inputs, row_offset, shard, own, models)
             own.finish()
             return scored
-    from sera_cli.backends.chat_templates import FOLDED, folded_rows
+    from sera_cli.backends.chat_templates import folded_rows
     from sera_cli.backends.logps.batched import encode_rows, flat_sequences
     from sera_cli.backends.logps.identity import logp_identity
     from sera_cli.backends.models import (
@@ -119,7 +120,6 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
         resolve,
         resolved_dtype,
     )
-    from sera_cli.data import lineage
 
     t0 = time.perf_counter()  # `config` is checked by its maker: the entry `score`, or `generate --score`
     candidates = is_candidates(table)
@@ -170,19 +170,30 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
         if col in out.column_names:
             out = out.drop_columns([col])
         out = out.append_column(col, pa.array(values))
-    prov = provenance.record(
-        "score", {k: v for k, v in config.as_dict().items() if k != "progress"},
-        logps={role: identities.get(role) for role in ("policy", "ref")},
-        models={role: ref.identity() for role, ref in roles.items()},
-        rows=out.num_rows, truncated=int(cols["truncated"].sum()),
-        **({"shard": with_rows(shard, out)} if shard else {}),
-        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}),
-        **({"precision": check} if check else {}),
-        parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p])
+    prov = score_provenance(config, out, table, inputs, shard,
+                            logps={role: identities.get(role) for role in ("policy", "ref")},
+                            models={role: ref.identity() for role, ref in roles.items()}, folded=folded,
+                            **({"precision": check} if check else {}))
     seconds = time.perf_counter() - t0
     summary = ScoreSummary(out.num_rows, int(cols["truncated"].sum()), len(seqs) * len(roles), work.computed,
                            work.cached, work.resumed, work.tokens, seconds, config.output, store.stale, check)
     return provenance.attach(out, prov), summary
+
+
+def score_provenance(config: ScoreConfig, out: pa.Table, table: pa.Table, inputs: Inputs | None,
+                     shard: dict[str, Any] | None, logps, models, folded: int = 0, **extra) -> dict[str, Any]:
+    """A scored table's provenance, one process's or a Ray cluster's (`on_ray`): the settings, the log-prob
+    identities and models, rows and truncated rows, the shard, system turns folded into the first user turn, and
+    the parents (the input files, else the table's own provenance)."""
+    from sera_cli.backends.chat_templates import FOLDED
+    from sera_cli.data import lineage
+
+    return provenance.record(
+        "score", {k: v for k, v in config.as_dict().items() if k != "progress"}, logps=logps, models=models,
+        rows=out.num_rows, truncated=int(pc.sum(out.column("truncated")).as_py() or 0),
+        **({"shard": with_rows(shard, out)} if shard else {}),
+        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}),
+        **extra, parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p])
 
 
 def _columns(results: dict[str, tuple[np.ndarray, np.ndarray]], per_row: int, config: ScoreConfig,

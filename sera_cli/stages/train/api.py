@@ -271,8 +271,8 @@ def world_line(config: TrainConfig, processes: int, device: str, kind: str) -> s
 
 
 def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]],
-                  mixed_precision: str = "no", world: dict[str, Any] | None = None,
-                  ref_dtype: str | None = None, models: TrainModels | None = None) -> dict[str, Any]:
+                  mixed_precision: str, world: dict[str, Any], ref_dtype: str | None,
+                  models: TrainModels) -> dict[str, Any]:
     """`sera.json`: the run's config (with the dtype the policy ran in, float32 weights either way), the
     identities of the base model and reference, the data's provenance, and how many processes trained."""
     from sera_cli.backends.chat_templates import FOLDED, folded_rows
@@ -284,12 +284,12 @@ def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]
     settings["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
     return provenance.record(
         "train", settings, requested_dtype=config.dtype,
-        models={"policy": (models or TrainModels.of(config)).policy.identity(), "ref": plan.model.identity() if plan.model else None},
+        models={"policy": models.policy.identity(), "ref": plan.model.identity() if plan.model else None},
         reference={"source": plan.source, "logps": plan.identity, "dtype": ref_dtype,
                    "dtype_differs": ref_dtype is not None and ref_dtype != settings["dtype"]},
         data={"rows": len(pairs), "ids": digest(pairs.ids)}, steps=len(records),
         first=records[0] if records else None, last=records[-1] if records else None,
-        **(world or {"world_size": 1}), parents=pairs.parents,
+        **world, parents=pairs.parents,
         **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}))
 
 
