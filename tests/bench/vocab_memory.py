@@ -8,6 +8,12 @@ Each measurement runs in its own subprocess, so each peak RSS (ru_maxrss) is tha
 - one training step: sera's `trainers.forward.PairLogps` forward+backward of one pair, against the same
   full-logits computation under autograd.
 
+Printed beside each peak: the model and data alone, the parameters' gradients (a training step's, one per
+weight: the [vocabulary, hidden] embedding and head make them grow with the vocabulary whatever computes the
+log-probs), and what is left, the log-prob computation's own memory. sera's score and training step run twice:
+as shipped (logits under `trainers.vocab_chunks.FULL_LOGITS` entries are made whole) and in blocks at every
+size.
+
 Run: python tests/bench/vocab_memory.py [--pairs 8 --response-tokens 1500 --prompt-tokens 100]
 """
 
@@ -48,10 +54,14 @@ def full_logps(m, ids: list[int], plen: int):
     return torch.log_softmax(logits, -1).gather(-1, x[0, plen:].unsqueeze(-1)).sum()
 
 
-def child(what: str, vocab: int, pairs: int, prompt: int, response: int) -> None:
+def child(what: str, vocab: int, pairs: int, prompt: int, response: int, blocked: bool = False) -> None:
     import torch
 
     torch.set_num_threads(2)
+    if blocked:  # the position x vocabulary blocks at every size (by default small logits are made whole)
+        import trainers.vocab_chunks
+
+        trainers.vocab_chunks.FULL_LOGITS = 0
     m = model(vocab)
     rows = data(vocab, pairs, prompt, response)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -80,7 +90,11 @@ def child(what: str, vocab: int, pairs: int, prompt: int, response: int) -> None
         p, rs = rows[0]
         sum(full_logps(m, p + r, len(p)) for r in rs).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the parameters' gradients (full fine-tuning holds one per weight, [vocabulary, hidden] for the embedding
+    # and the head whatever computes the log-probs): what is left of the peak is the log-prob computation's own
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in m.parameters() if p.grad is not None)
     print(json.dumps({"what": what, "vocab": vocab, "peak_mb": peak / 1024, "model_and_data_mb": base / 1024,
+                      "grads_mb": grads / 2**20, "own_mb": (peak - base) / 1024 - grads / 2**20,
                       "seconds": time.perf_counter() - t0}))
 
 
@@ -90,23 +104,32 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--response-tokens", type=int, default=1500)
     ap.add_argument("--child", nargs=2)
+    ap.add_argument("--blocked", action="store_true", help="(child) blocks at every vocabulary size")
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], int(a.child[1]), a.pairs, a.prompt_tokens, a.response_tokens)
+        child(a.child[0], int(a.child[1]), a.pairs, a.prompt_tokens, a.response_tokens, a.blocked)
         return
     results = {}
-    for what in ("sera-score", "trl-score", "sera-train", "trl-train"):
+    runs = [(w, False) for w in ("sera-score", "trl-score", "sera-train", "trl-train")]
+    runs += [("sera-score", True), ("sera-train", True)]
+    for what, blocked in runs:
+        name = what + (" (blocks)" if blocked else "")
         for vocab in (32768, 262144):
             out = subprocess.run([sys.executable, __file__, "--child", what, str(vocab), "--pairs", str(a.pairs),
                                   "--prompt-tokens", str(a.prompt_tokens), "--response-tokens",
-                                  str(a.response_tokens)], capture_output=True, text=True, check=True)
+                                  str(a.response_tokens), *(["--blocked"] if blocked else [])],
+                                 capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[what, vocab] = r
-            print(f"{what:11s} vocab {vocab:>7,}: peak RSS {r['peak_mb']:8,.0f} MB (model+data "
-                  f"{r['model_and_data_mb']:6,.0f} MB), {r['seconds']:6.1f} s", flush=True)
-    for what in ("sera-score", "trl-score", "sera-train", "trl-train"):
-        small, large = results[what, 32768]["peak_mb"], results[what, 262144]["peak_mb"]
-        print(f"{what:11s}: peak grows {100 * (large / small - 1):5.1f}% from 32k to 256k vocabulary")
+            results[name, vocab] = r
+            print(f"{name:20s} vocab {vocab:>7,}: peak RSS {r['peak_mb']:8,.0f} MB (model+data "
+                  f"{r['model_and_data_mb']:6,.0f} MB, parameter gradients {r['grads_mb']:5,.0f} MB, the "
+                  f"computation's own {r['own_mb']:7,.0f} MB), {r['seconds']:6.1f} s", flush=True)
+    print()
+    for name in dict.fromkeys(n for n, _ in results):
+        small, large = results[name, 32768], results[name, 262144]
+        print(f"{name:20s}: from 32k to 256k the peak grows {100 * (large['peak_mb'] / small['peak_mb'] - 1):6.1f}%,"
+              f" the model and data {100 * (large['model_and_data_mb'] / small['model_and_data_mb'] - 1):5.1f}%, "
+              f"the computation's own memory {100 * (large['own_mb'] / small['own_mb'] - 1):6.1f}%")
 
 
 if __name__ == "__main__":
