@@ -72,12 +72,14 @@ class Config:
     gate: float = 0.05
     past_gate: bool = False
     note: str = ""
+    sources: tuple[str, ...] = SOURCES  # HH-RLHF test files under the shared data folder
 
 
 CONFIGS = {
     "cpu-decisive": Config("cpu-decisive", "smollm2-135m", 800, 256, 1024, 128, 512, 384, ("lr=1e-5,epochs=1",)),
     "decisive-smoke": Config("decisive-smoke", None, 16, 16, 32, 4, 64, 48, ("lr=1e-4,epochs=1",), past_gate=True,
-                             note="tiny random Llama: checks the plumbing, not the method"),
+                             note="tiny random Llama: checks the plumbing, not the method",
+                             sources=SOURCES[:1]),  # one file: half the converting and tokenizing
 }
 
 
@@ -334,7 +336,7 @@ def phase_data(s: Study) -> dict:
     if "data" in s.results:
         return s.results["data"]
     allp = s.step(d / "all.parquet", lambda tmp: sera(
-        "convert", *[str(study.SHARED / f) for f in SOURCES], "--format", "conversational", "-o", str(tmp)))
+        "convert", *[str(study.SHARED / f) for f in c.sources], "--format", "conversational", "-o", str(tmp)))
     t = read(allp, "chosen", "rejected")
     ties = np.array([a == b for a, b in zip(t["chosen"], t["rejected"], strict=True)])
     lengths = token_lengths(allp, s.policy)
@@ -687,6 +689,7 @@ def hierarchical(s: Study) -> None:
 
 
 def run(cfg: Config, out: Path, seeds: int = 1, tables_only: bool = False) -> dict:
+    IN_PROCESS[0] = cfg.policy is None  # the smoke scale (a tiny model): in process, from main or from a test
     s = Study(cfg, out)
     s.results["machine"] = machine()
     if tables_only:
@@ -727,7 +730,6 @@ def main(argv: list[str] | None = None) -> None:
     for setting in cfg.settings:
         parse_setting(setting)
     t0 = time.perf_counter()
-    IN_PROCESS[0] = cfg.policy is None  # the smoke scale (a tiny model): in process
     run(cfg, Path(args.out), args.seeds, args.tables)
     study.log(f"decisive {cfg.name} finished in {time.perf_counter() - t0:,.0f} s (this invocation)")
     print((Path(args.out) / "tables.md").read_text())
