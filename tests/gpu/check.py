@@ -47,7 +47,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 SIZE = SIZES["cpu" if CPU else "gpu"]
 MIN_SPEARMAN = float(os.environ.get("SERA_CHECK_MIN_SPEARMAN", "0.9"))
-STEPS = ("env", "setup", "score", "generate", "vllm", "train", "ranks", "demo")  # the table's order
+STEPS = ("env", "setup", "score", "generate", "vllm", "train", "fsdp", "ranks", "demo")  # the table's order
 LOGP_COLUMNS = ("logp_policy_chosen", "logp_policy_rejected", "logp_ref_chosen", "logp_ref_rejected")
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -95,6 +95,8 @@ class Run:
         """The line that says why it failed: sera's one `error:` line, else the last line of the log."""
         lines = [x.strip() for x in self.log.splitlines() if x.strip() and not x.startswith("$ ")]
         errors = [x for x in lines if x.startswith("error:")]
+        if not errors:  # a traceback (a launcher's rank): its exception line, not the launcher's summary after it
+            errors = [x for x in lines if re.match(r"[\w.]*(Error|Exception): ", x) and "ChildFailedError" not in x]
         if self.rc == 124:
             head = f"timed out after {self.seconds:.0f} s"
         else:
@@ -201,6 +203,8 @@ def cmd_exec(stats_path: str, argv: list[str]) -> int:
     """Run `sera ARGV` in this process, then write its exit code and peak memory to `stats_path`."""
     import resource
 
+    # under `accelerate launch` (`_launch`) every rank writes its own file: "{rank}" in the path is its RANK
+    stats_path = stats_path.replace("{rank}", os.environ.get("RANK", "0"))
     sys.argv = ["sera", *argv]
     rc = 0
     try:
@@ -694,11 +698,33 @@ def _find_key(obj: Any, key: str) -> Any:
 
 
 def _launch(work: Path, name: str, processes: int, args: list[str], deadline: Deadline,
-            extra_env: dict[str, str]) -> Run:
-    cmd = [PY, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
-           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "sera_cli", *args]
-    return run_cmd(work, name, cmd, deadline, env_for_sera(extra_env))
+            extra_env: dict[str, str], config_file: Path | None = None, stats: bool = False) -> Run:
+    """`accelerate launch ... sera ARGS`: `processes` ranks (DDP over them when more than one), or as
+    `config_file` says (FSDP, DeepSpeed; mixed precision bf16 on the command line, see `_accelerate_config`).
+    With `stats` every rank runs through `exec` and writes its own peak memory; the run's stats are the largest
+    over the ranks."""
+    if config_file is None:
+        flags = [*(["--multi_gpu"] if processes > 1 else []), "--num_processes", str(processes), "--num_machines",
+                 "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        flags = ["--config_file", str(config_file), "--mixed_precision", "bf16"]
+    flags += ["--main_process_port", str(free_port())]
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if stats:
+        for old in logs.glob(f"{name}.stats-*.json"):
+            old.unlink()
+        target = [str(Path(__file__).resolve()), "exec", "--stats", str(logs / f"{name}.stats-{{rank}}.json")]
+    else:
+        target = ["-m", "sera_cli"]
+    run = run_cmd(work, name, [PY, "-m", "accelerate.commands.launch", *flags, *target, *args], deadline,
+                  env_for_sera(extra_env))
+    if stats:
+        ranks = [json.loads(p.read_text()) for p in sorted(logs.glob(f"{name}.stats-*.json"))]
+        run.stats = {k: max(r[k] for r in ranks if k in r) for k in
+                     ("cuda_peak_bytes", "cuda_reserved_peak_bytes", "rss_peak_kib") if any(k in r for r in ranks)}
+        run.stats["ranks"] = len(ranks)
+    return run
 
 
 def step_ranks(work: Path, rows: Rows, deadline: Deadline) -> None:
@@ -784,6 +810,283 @@ def step_ranks(work: Path, rows: Rows, deadline: Deadline) -> None:
              "" if ok else "differs from one process", identical_share=same, processes=procs)
 
 
+# TinyLlama-1.1B's shape (its config.json); the vocabulary is SmolLM2's tokenizer's (49,152, not 32,000)
+M1B_SHAPE: dict[str, Any] = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                                 tie_word_embeddings=False)
+SHARDED_STEPS = 4  # optimizer steps of each FSDP / DeepSpeed run
+
+
+def _random_1b(path: Path, tokenizer_dir: str) -> int:
+    """TinyLlama-1.1B's shape with random weights and SmolLM2's tokenizer (1.17B parameters with its 49,152-token
+    vocabulary), saved in bfloat16 (sera loads the policy as float32); returns the parameter count."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, **M1B_SHAPE)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    count = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    os.replace(tmp, path)
+    return count
+
+
+def _accelerate_config(path: Path, kind: str, processes: int, ds_json: Path | None = None) -> None:
+    """An accelerate config file as `accelerate config` writes one (mixed precision goes on the command line,
+    `_launch`).
+
+    fsdp: FSDP1, each LlamaDecoderLayer its own FULL_SHARD unit (on one GPU FSDP itself switches to NO_SHARD: the
+    wrapping, flat parameters, the full state dict and saving still run), FULL_STATE_DICT, use_orig_params (sera
+    makes its optimizer before `accelerator.prepare`, trainers/loop.py: without use_orig_params FSDP1 flattens the
+    parameters into new ones and the optimizer keeps the old ones), no CPU-RAM-efficient loading (sera loads the
+    whole policy on every rank). deepspeed: ZeRO stage 2, no offload; with `ds_json`, the DeepSpeed settings come
+    from that JSON file instead."""
+    lines = ["compute_environment: LOCAL_MACHINE", "debug: false", "downcast_bf16: 'no'", "machine_rank: 0",
+             "main_training_function: main", "num_machines: 1", f"num_processes: {processes}",
+             "rdzv_backend: static", "same_network: true", "use_cpu: false"]
+    if kind == "fsdp":
+        lines += ["distributed_type: FSDP", "fsdp_config:", "  fsdp_version: 1",
+                  "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+                  "  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer", "  fsdp_sharding_strategy: FULL_SHARD",
+                  "  fsdp_state_dict_type: FULL_STATE_DICT", "  fsdp_backward_prefetch: BACKWARD_PRE",
+                  "  fsdp_forward_prefetch: false", "  fsdp_offload_params: false", "  fsdp_use_orig_params: true",
+                  "  fsdp_sync_module_states: true", "  fsdp_cpu_ram_efficient_loading: false",
+                  "  fsdp_activation_checkpointing: false"]
+    elif ds_json is not None:
+        lines += ["distributed_type: DEEPSPEED", "deepspeed_config:",
+                  f"  deepspeed_config_file: {json.dumps(str(ds_json))}", "  zero3_init_flag: false"]
+    else:
+        lines += ["distributed_type: DEEPSPEED", "deepspeed_config:", "  zero_stage: 2",
+                  "  offload_optimizer_device: none", "  offload_param_device: none", "  zero3_init_flag: false",
+                  "  gradient_accumulation_steps: 1"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _safetensors_params(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) of every tensor in the folder's safetensors files, from their headers alone."""
+    found: dict[str, tuple[str, list[int]]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        found.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return found
+
+
+def _tensor(folder: Path, name: str):
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():
+                return st.get_tensor(name)
+    raise KeyError(name)
+
+
+def _sharded_train(work: Path, rows: Rows, deadline: Deadline, label: str, kind: str, config: Path, model: str,
+                   processes: int, micro: int, extra_env: dict[str, str], notes: list[str],
+                   want: str | None = None, passed: str = "PASS") -> Run:
+    """One `sera train` under `accelerate launch --config_file CONFIG` and its row: it ran as `want` (sera.json's
+    distributed_type; default FSDP or DEEPSPEED as `kind` says), SHARDED_STEPS finite losses, peak memory (the
+    largest rank's), and the saved folder has the input model's tensors (names, shapes), moved by training, and
+    loads on CPU with no missing or unexpected keys. The row is `passed` (PASS, or SKIP for the CPU dry run)
+    when all of that holds, else FAIL."""
+    import math
+
+    s = load_setup(work)
+    out = work / f"trained-{kind}"
+    shutil.rmtree(out, ignore_errors=True)
+    batch = 2 * processes
+    args = ["train", s["train"], "--policy", model, "--ref", model, "--loss", "dpo", "--dtype", "bfloat16",
+            "--max-steps", str(SHARDED_STEPS), "--batch-size", str(batch), "--micro-batch", str(micro),
+            "--lr", str(SIZE["lr"]), "--max-length", str(SIZE["train_max_length"]), "--max-prompt-length",
+            str(SIZE["train_max_prompt"]), "--save-steps", "0", "--seed", "0", *device_args(), "-q", "-o", str(out)]
+    run = _launch(work, f"{kind}-train", processes, args, deadline, extra_env, config_file=config, stats=True)
+    if not run.ok:
+        rows.add(label, "FAIL", "", run.seconds, "; ".join([run.error(), *notes]), peak=run.stats)
+        return run
+    problems: list[str] = []
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in records]
+    if len(losses) != SHARDED_STEPS:
+        problems.append(f"{len(losses)} steps in metrics.jsonl, {SHARDED_STEPS} asked")
+    if not losses or not all(math.isfinite(x) for x in losses):
+        problems.append("a loss is not finite")
+    sera_json = json.loads((out / "sera.json").read_text()) if (out / "sera.json").exists() else {}
+    ran_as = _find_key(sera_json, "distributed_type")
+    want = want or {"fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[kind]
+    if ran_as != want:
+        problems.append(f"sera.json records distributed_type {ran_as}, not {want}")
+    saved, given = _safetensors_params(out), _safetensors_params(Path(model))
+    count = sum(math.prod(shape) for _, shape in saved.values())
+    dtypes = "/".join(sorted({d for d, _ in saved.values()})) or "no tensors"
+    if set(saved) != set(given):
+        odd = sorted(set(saved) ^ set(given))
+        problems.append(f"the saved tensor names differ from the input model's ({len(odd)}, e.g. {odd[0]})")
+    elif any(saved[k][1] != given[k][1] for k in saved):
+        problems.append("a saved tensor's shape differs from the input model's")
+    moved = None
+    probe = next((k for k in sorted(saved) if ".layers.0." in k and len(saved[k][1]) == 2 and k in given), None)
+    if probe is not None:
+        moved = float((_tensor(out, probe).float() - _tensor(Path(model), probe).float()).abs().max())
+        if not moved > 0:
+            problems.append(f"{probe} did not move: the optimizer did not update the weights")
+    loads = "not loaded (budget)"
+    if deadline.left() > 40:
+        from transformers import AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        try:
+            loaded, info = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto", output_loading_info=True)
+            n = sum(p.numel() for p in loaded.parameters())
+            bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            del loaded
+            loads = f"loads on CPU in {time.perf_counter() - t0:.0f} s ({n / 1e9:.3f}B parameters)"
+            if bad:
+                problems.append("from_pretrained: " + "; ".join(f"{k} {sorted(v)[:3]}" for k, v in bad.items()))
+        except Exception as err:
+            loads = "does not load"
+            problems.append(f"from_pretrained: {type(err).__name__}: {str(err).strip()[:200]}")
+    tail = f" -> {losses[-1]:.4f}" if len(losses) > 1 else ""
+    figures = (f"{len(losses)} steps x {batch} pairs (micro-batch {micro}) on {processes} process(es), ran as "
+               f"{ran_as} (sera.json); loss {losses[0] if losses else float('nan'):.4f}{tail}, "
+               f"{'all finite' if losses and all(math.isfinite(x) for x in losses) else 'NOT all finite'}; "
+               f"peak {run.peak()} (largest rank); saved {count / 1e9:.3f}B parameters in {dtypes} safetensors, "
+               f"{loads}; {probe or 'no layer-0 weight'} moved by {'n/a' if moved is None else f'{moved:.1e}'}; "
+               f"wall {run.seconds:.0f} s with loads")
+    rows.add(label, "FAIL" if problems else passed, figures, run.seconds, "; ".join([*problems, *notes]),
+             losses=losses, peak=run.stats, distributed_type=ran_as, parameters=count, moved=moved)
+    return run
+
+
+def _deepspeed_version(deadline: Deadline) -> tuple[bool, str]:
+    """(True, its version) where `import deepspeed` works in a fresh interpreter, else (False, the last line of
+    its error)."""
+    try:
+        ds = subprocess.run([PY, "-c", "import deepspeed, sys; sys.stdout.write(deepspeed.__version__)"],
+                            capture_output=True, text=True, env=env_for_sera(),
+                            timeout=max(10, min(90, deadline.left() - 5)))
+    except subprocess.TimeoutExpired:
+        return False, "the import did not finish in time"
+    if ds.returncode != 0:
+        return False, ((ds.stderr.strip().splitlines() or ["?"])[-1])[:200]
+    return True, ds.stdout.strip()
+
+
+def _zero2_config(work: Path, processes: int) -> tuple[Path, str]:
+    """The ZeRO-2 accelerate config file, and a note on what it is. sera prepares no DataLoader, so a plain
+    accelerate DeepSpeed config (train_micro_batch_size_per_gpu "auto") fails in `accelerator.prepare`; unless
+    sera's code sets that value itself, the config points to a DeepSpeed JSON that gives it (2: the pairs of a
+    step per process, one micro-batch)."""
+    cfg = work / "accelerate-zero2.yaml"
+    if any("train_micro_batch_size_per_gpu" in p.read_text() for d in ("sera_cli", "trainers")
+           for p in (REPO / d).rglob("*.py")):
+        _accelerate_config(cfg, "deepspeed", processes)
+        return cfg, f"config {cfg.name}: plain accelerate ZeRO-2 (stage 2, no offload), bf16"
+    ds_json = work / "deepspeed-zero2.json"
+    ds_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                                   "train_batch_size": "auto", "gradient_clipping": 1.0, "bf16": {"enabled": True},
+                                   "zero_optimization": {"stage": 2}}, indent=1))
+    _accelerate_config(cfg, "deepspeed", processes, ds_json)
+    return cfg, (f"config {cfg.name} + {ds_json.name} (ZeRO stage 2, train_micro_batch_size_per_gpu 2, bf16): sera "
+                 "sets no train_micro_batch_size_per_gpu and prepares no DataLoader, so a plain accelerate ZeRO-2 "
+                 "config fails in accelerator.prepare")
+
+
+def step_fsdp(work: Path, rows: Rows, deadline: Deadline) -> None:
+    """`sera train` under `accelerate launch --config_file` with FSDP (`_accelerate_config`), then DeepSpeed ZeRO-2
+    where `import deepspeed` works (SKIP otherwise): on every visible GPU, TinyLlama-1.1B's shape with random
+    weights made here (SmolLM2's tokenizer, so a 49,152-token vocabulary: 1.17B parameters), 4 DPO steps in bf16
+    against the same model as reference. Each row: it ran as FSDP / DEEPSPEED, the losses are finite, peak GPU
+    memory, and the saved model has the input's tensors, moved, and loads with `from_pretrained` on CPU.
+
+    DeepSpeed: sera makes no DataLoader, so a plain accelerate ZeRO-2 config (train_micro_batch_size_per_gpu
+    "auto") fails in `accelerator.prepare`; unless sera sets that value itself, the row passes it in a DeepSpeed
+    JSON file and says so. It trains with one micro-batch per step: under DeepSpeed every `accelerator.backward`
+    steps the optimizer, and sera's loop accumulates micro-batches with `no_sync`, not `accelerator.accumulate`.
+
+    CPU dry run: FSDP needs a GPU here, so the step writes both config files, checks that accelerate's config
+    loader reads them, and SKIPs both rows. Tried once by hand: `accelerate launch --config_file` with this FSDP
+    config, one process, a tiny random Llama on a CPU host (CUDA_VISIBLE_DEVICES="") stops in `Accelerator()`:
+    "FSDP parameter initialization with `sync_module_states=True` is not supported on cpu." (accelerate 1.16's
+    FullyShardedDataParallelPlugin), and torch's FSDP1 refuses CPU-only execution itself ("FSDP needs a non-CPU
+    accelerator device", torch/distributed/fsdp/_init_utils.py). accelerate launches DeepSpeed only without
+    --cpu, and deepspeed is not in the CPU environment.
+    """
+    if CPU:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        fsdp_cfg = work / "accelerate-fsdp.yaml"
+        _accelerate_config(fsdp_cfg, "fsdp", 1)
+        ds_cfg, _ = _zero2_config(work, 1)
+        read = {}
+        for label, cfg in (("FSDP train (CPU)", fsdp_cfg), ("DeepSpeed ZeRO-2 train (CPU)", ds_cfg)):
+            try:
+                read[label] = (f"{cfg.name} reads as {load_config_from_file(str(cfg)).distributed_type.value} "
+                               "(accelerate's config loader)")
+            except Exception as err:
+                rows.add(label, "FAIL", "", 0.0, f"{cfg.name}: {type(err).__name__}: {str(err).strip()[:200]}")
+        ok, version = _deepspeed_version(deadline)
+        why = {"FSDP train (CPU)": "FSDP needs a GPU here: accelerate refuses it on CPU (tried once by hand with a "
+                                   "tiny random Llama and one process: \"FSDP parameter initialization with "
+                                   "`sync_module_states=True` is not supported on cpu.\") and torch's FSDP1 refuses "
+                                   "CPU-only execution",
+               "DeepSpeed ZeRO-2 train (CPU)": "DeepSpeed needs a GPU here (accelerate launches it only without "
+                                               "--cpu); deepspeed " + (f"{version} imports" if ok else
+                                                                       f"does not import: {version}")}
+        for label, figures in read.items():
+            rows.add(label, "SKIP", figures, 0.0, why[label])
+        return
+    import torch
+
+    processes = max(1, torch.cuda.device_count())
+    how = f"{processes} GPU{'s' if processes > 1 else ''}, {processes} process{'es' if processes > 1 else ''}"
+    model_dir = work / "models" / "random-1b"
+    notes = ["random weights in TinyLlama-1.1B's shape with SmolLM2's tokenizer (vocab 49,152: 1.17B parameters)"]
+    if not (model_dir / "config.json").exists():
+        tok, why = _tokenizer_source()
+        if tok is None:
+            rows.add(f"FSDP train ({how})", "FAIL", "", 0.0, f"no tokenizer for the 1B model: {why}")
+            return
+        t0 = time.perf_counter()
+        count = _random_1b(model_dir, tok)
+        notes[0] += f", made in {time.perf_counter() - t0:.0f} s ({count / 1e9:.3f}B)"
+    model = str(model_dir)
+
+    fsdp_cfg = work / "accelerate-fsdp.yaml"
+    _accelerate_config(fsdp_cfg, "fsdp", processes)
+    fsdp = _sharded_train(work, rows, deadline, f"FSDP train ({how})", "fsdp", fsdp_cfg, model, processes, 1, {},
+                          [*notes, f"config {fsdp_cfg.name}: FSDP1, FULL_SHARD per LlamaDecoderLayer, "
+                                   "FULL_STATE_DICT, use_orig_params, bf16"])
+
+    ds_label = f"DeepSpeed ZeRO-2 train ({how})"
+    ok, version = _deepspeed_version(deadline)
+    if not ok:
+        rows.add(ds_label, "SKIP", "", 0.0, f"deepspeed does not import here: {version}")
+        return
+    if deadline.left() < fsdp.seconds + 20:
+        rows.add(ds_label, "SKIP", "", 0.0, f"budget spent ({deadline.left():.0f} s left; the FSDP run took "
+                                            f"{fsdp.seconds:.0f} s)")
+        return
+    ds_cfg, what = _zero2_config(work, processes)
+    ds_notes = [f"deepspeed {version}", notes[0].split(", made in")[0], what]
+    ds_notes.append("micro-batch 2 = the step's pairs per process: under DeepSpeed each accelerator.backward steps "
+                    "the optimizer")
+    _sharded_train(work, rows, deadline, ds_label, "deepspeed", ds_cfg, model, processes, 2, {}, ds_notes)
+
+
 def step_demo(work: Path, rows: Rows, deadline: Deadline) -> None:
     """`sera demo` end to end (or `sera run --policy MODEL` with the demo's data and settings) and its wall time."""
     s = load_setup(work)
@@ -837,7 +1140,7 @@ def _ran_stages(run_json: Path) -> str:
 
 
 STEP_FUNCTIONS = {"env": step_env, "setup": step_setup, "score": step_score, "generate": step_generate,
-                  "vllm": step_vllm, "train": step_train, "ranks": step_ranks, "demo": step_demo}
+                  "vllm": step_vllm, "train": step_train, "fsdp": step_fsdp, "ranks": step_ranks, "demo": step_demo}
 
 
 def cmd_step(name: str, work: Path, deadline: float | None) -> int:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The checks CPU CI cannot make, in at most ~8 minutes on one GPU, ending with one summary table:
+# The checks CPU CI cannot make, in at most ~9 minutes on one GPU, ending with one summary table:
 #   env       python, torch, CUDA, the GPUs, sera's dependencies, vllm
 #   setup     the models (reference; a policy = reference + seeded noise) and the tables (pairs, prompts)
 #   score     `sera score` in bfloat16 against float32: IRM Spearman, summed log-prob differences, tokens/s
 #   generate  `sera generate --engine hf`: tokens/s, prompts with N distinct samples
 #   train     `sera train --dtype bfloat16`: the loss goes down (2 epochs, higher lr), peak GPU memory
+#   fsdp      `sera train` of a random 1.1B Llama (TinyLlama's shape) under an FSDP accelerate config, then
+#             DeepSpeed ZeRO-2 (SKIP where deepspeed does not import): finite losses, peak GPU memory, the saved
+#             model loads (the CPU dry run SKIPs both: FSDP needs a GPU)
 #   ranks     `accelerate launch` score and generate with every visible GPU against one process
 #   demo      `sera demo` end to end, its wall time
 #   vllm      `--engine vllm` against hf, and the same seed twice (SKIP where vllm does not import)
@@ -20,7 +23,7 @@
 #                        tests/gpu/build/ (carry that folder to a machine without network)
 #   SERA_CHECK_DATA      a folder laid out as shared/data (default: shared/data, ../shared/data,
 #                        tests/gpu/build/data, else the embedded demo pairs)
-#   SERA_CHECK_BUDGET    seconds for the whole script (default 480 on GPU, 420 on CPU)
+#   SERA_CHECK_BUDGET    seconds for the whole script (default 540 on GPU, 420 on CPU)
 #   SERA_CHECK_WORK      working folder (default: a new /tmp/sera-gpu-check.XXXXXX, kept)
 #   SERA_CHECK_CPU=1     same as --dry-run-cpu
 #   OUT                  when set, gpu-check.json and gpu-check.md are written there too
@@ -58,7 +61,7 @@ if [[ "$SERA_CHECK_CPU" == 1 ]]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" CUDA_VISIBLE_DEVICES=""
   BUDGET="${SERA_CHECK_BUDGET:-420}"
 else
-  BUDGET="${SERA_CHECK_BUDGET:-480}"
+  BUDGET="${SERA_CHECK_BUDGET:-540}"
 fi
 
 # Wheels carried in tests/gpu/build/wheels (tests/gpu/prepare.sh) for packages this interpreter lacks.
@@ -104,28 +107,28 @@ skip() {  # skip NAME REASON
   echo "skip 0 0 $2" >"$WORK/rows/$1.rc"
 }
 
-STEPS="env setup score generate vllm train ranks demo"  # the table's order
+STEPS="env setup score generate vllm train fsdp ranks demo"  # the table's order
 if [[ "$SERA_CHECK_CPU" == 1 ]]; then
-  CAPS=(env:60 setup:120 score:120 generate:90 train:120 ranks:180 demo:240 vllm:300)
+  CAPS=(env:60 setup:120 score:120 generate:90 train:120 fsdp:120 ranks:180 demo:240 vllm:300)
 else
-  CAPS=(env:60 setup:120 score:90 generate:60 train:90 ranks:120 demo:150 vllm:300)
+  CAPS=(env:60 setup:120 score:90 generate:60 train:90 fsdp:120 ranks:120 demo:150 vllm:300)
 fi
 cap_of() { local c; for c in "${CAPS[@]}"; do [[ ${c%%:*} == "$1" ]] && echo "${c#*:}"; done; }
 
 step env "$(cap_of env)"
 if [[ "$(cut -d' ' -f1 "$WORK/rows/env.rc")" != 0 ]]; then
-  for s in setup score generate train ranks demo vllm; do skip "$s" "the env step failed"; done
+  for s in setup score generate train fsdp ranks demo vllm; do skip "$s" "the env step failed"; done
 else
   step setup "$(cap_of setup)"
   if [[ "$(cut -d' ' -f1 "$WORK/rows/setup.rc")" != 0 ]]; then
-    for s in score generate train ranks demo vllm; do skip "$s" "the setup step failed"; done
+    for s in score generate train fsdp ranks demo vllm; do skip "$s" "the setup step failed"; done
   else
     # where vllm does not import its step only writes SKIP rows: run it before the demo; else last, so that
     # vLLM's start-ups (1-2 min each) cannot starve the demo of the budget
     vllm=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["env"]["vllm"])' \
            "$WORK/figures.json" 2>/dev/null || echo missing)
-    if [[ "$vllm" == missing ]]; then ORDER="score generate train ranks vllm demo"
-    else ORDER="score generate train ranks demo vllm"; fi
+    if [[ "$vllm" == missing ]]; then ORDER="score generate train fsdp ranks vllm demo"
+    else ORDER="score generate train fsdp ranks demo vllm"; fi
     for s in $ORDER; do step "$s" "$(cap_of "$s")"; done
   fi
 fi
