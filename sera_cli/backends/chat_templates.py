@@ -94,6 +94,11 @@ def folded_rows(encoded) -> int:
     return sum(1 for e in encoded if getattr(e, "folded", False))
 
 
+def folded_record(folded: int) -> dict:
+    """The provenance entry for `folded` rows whose system turn was folded (none: no entry)."""
+    return {"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}
+
+
 def stop_ids(path: str, tok, chat: bool = False) -> list[int]:
     """End-of-sequence ids: the tokenizer's EOS, those of the model's generation_config.json, and for chat prompts
     the token that ends an assistant turn in the chat template (`<|im_end|>`, `<|eot_id|>`, ...)."""

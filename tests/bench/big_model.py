@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -140,7 +141,7 @@ def main() -> None:
         cache = args.work / "cache"
         for mode in ("before", "cold", "warm"):
             if mode == "cold":
-                subprocess.run(["rm", "-rf", str(cache)], check=True)
+                shutil.rmtree(cache, ignore_errors=True)
             out = args.work / f"setup-{mode}.json"
             cmd = [sys.executable, "-c", CHILD_SETUP, mode, str(out), "train", str(data), "--policy", model,
                    "--ref", model, "--loss", "dpo", "--batch-size", "1", "--micro-batch", "1", "--max-steps", "1",
@@ -168,7 +169,7 @@ def main() -> None:
         variants = {"ckpt": ["--gradient-checkpointing"], "full": [], "lora": ["--lora-r", "16"]}
         for name in args.train:
             folder = args.work / f"train-{name}"
-            subprocess.run(["rm", "-rf", str(folder)], check=True)
+            shutil.rmtree(folder, ignore_errors=True)
             r = run_measured(sera("train", str(data), "--policy", model, "--ref", model, "--loss", "dpo",
                                   "--beta", "0.1", "--lr", "1e-6", "--batch-size", "1", "--micro-batch", "1",
                                   "--max-steps", str(args.steps), *variants[name], *common, "-q",

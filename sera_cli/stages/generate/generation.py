@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sera_cli.backends.chat_templates import FOLDED, stop_ids
+from sera_cli.backends.chat_templates import folded_record, stop_ids
 from sera_cli.backends.engines.sampling import Request, collect, trim
 from sera_cli.data import provenance
 from sera_cli.data.chunk_store import (
@@ -148,7 +148,7 @@ def _generate(config: GenerateConfig, store: ChunkStore, t0: float, cluster=None
         **({"shard": with_rows(shard_record(list(prompts.ids), config.chunk_prompts, config.shard), table)}
            if config.shard else {}),
         parents=parents(inputs), **({"ray": cluster.record()} if cluster else {}),
-        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}))
+        **folded_record(folded))
     table = provenance.attach(table, prov)
     if config.score:
         table = _score(config, table, cluster)

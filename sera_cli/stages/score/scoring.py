@@ -175,7 +175,7 @@ def score_table(table: pa.Table, config: ScoreConfig, inputs: Inputs | None = No
                             models={role: ref.identity() for role, ref in roles.items()}, folded=folded,
                             **({"precision": check} if check else {}))
     seconds = time.perf_counter() - t0
-    summary = ScoreSummary(out.num_rows, int(cols["truncated"].sum()), len(seqs) * len(roles), work.computed,
+    summary = ScoreSummary(out.num_rows, prov["truncated"], len(seqs) * len(roles), work.computed,
                            work.cached, work.resumed, work.tokens, seconds, config.output, store.stale, check)
     return provenance.attach(out, prov), summary
 
@@ -185,14 +185,14 @@ def score_provenance(config: ScoreConfig, out: pa.Table, table: pa.Table, inputs
     """A scored table's provenance, one process's or a Ray cluster's (`on_ray`): the settings, the log-prob
     identities and models, rows and truncated rows, the shard, system turns folded into the first user turn, and
     the parents (the input files, else the table's own provenance)."""
-    from sera_cli.backends.chat_templates import FOLDED
+    from sera_cli.backends.chat_templates import folded_record
     from sera_cli.data import lineage
 
     return provenance.record(
         "score", {k: v for k, v in config.as_dict().items() if k != "progress"}, logps=logps, models=models,
         rows=out.num_rows, truncated=int(pc.sum(out.column("truncated")).as_py() or 0),
         **({"shard": with_rows(shard, out)} if shard else {}),
-        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}),
+        **folded_record(folded),
         **extra, parents=lineage.parents(inputs) if inputs else [p for p in [provenance.read(table)] if p])
 
 

@@ -275,11 +275,10 @@ def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]
                   models: TrainModels) -> dict[str, Any]:
     """`sera.json`: the run's config (with the dtype the policy ran in, float32 weights either way), the
     identities of the base model and reference, the data's provenance, and how many processes trained."""
-    from sera_cli.backends.chat_templates import FOLDED, folded_rows
+    from sera_cli.backends.chat_templates import folded_record, folded_rows
     from sera_cli.data import provenance
     from sera_cli.data.hashing import digest
 
-    folded = folded_rows(pairs.encoded)
     settings = {k: v for k, v in config.as_dict().items() if k != "progress"}
     settings["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
     return provenance.record(
@@ -290,7 +289,7 @@ def provenance_of(config: TrainConfig, pairs, plan, records: list[dict[str, Any]
         data={"rows": len(pairs), "ids": digest(pairs.ids)}, steps=len(records),
         first=records[0] if records else None, last=records[-1] if records else None,
         **world, parents=pairs.parents,
-        **({"chat_template": {"system_folded_rows": folded, "note": FOLDED}} if folded else {}))
+        **folded_record(folded_rows(pairs.encoded)))
 
 
 @contextmanager
