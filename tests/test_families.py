@@ -115,6 +115,29 @@ def test_score_matches_trl_tokens_and_a_plain_forward(tmp_path, family_models, f
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_packed_pairs_equal_a_plain_forward(family_models, family):
+    """Training's packed row [prompt | chosen | rejected] (trainers.packing) covers every family here: its
+    log-probs equal each whole sequence's plain forward, through each family's attention (Gemma 2's soft-capped
+    eager attention, Gemma 3's and Mistral's sliding-window layers, with rows inside the window)."""
+    from sera_cli.backends.models import load_model, load_tokenizer, resolve
+    from trainers.encode import encode
+    from trainers.packing import can_pack, packed_logps
+
+    folder = family_models[family]
+    tok, model = load_tokenizer(resolve(folder)), load_model(resolve(folder), "float32", "cpu")
+    encoded = [encode(tok, p, [c, r], 1024, 512) for p, c, r in MESSAGE_ROWS]
+    assert can_pack(model, max(len(e.prompt) + len(x) for e in encoded for x in e.responses)), family
+    with torch.no_grad():
+        logps, ntok = packed_logps(model, [(e.prompt, e.responses) for e in encoded], tok.pad_token_id)
+    n = len(encoded)
+    for k in (0, 1):
+        for b, e in enumerate(encoded):
+            assert ntok[k * n + b] == len(e.responses[k])
+            assert logps[k * n + b].item() == pytest.approx(plain_logp(model, e.prompt, list(e.responses[k])),
+                                                            abs=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_stops_at_the_end_of_turn_token(tmp_path, family_models, family):
     from sera_cli.stages.generate.api import generate
     from sera_cli.stages.generate.config import GenerateConfig

@@ -63,6 +63,9 @@ class TrainConfig(Settings):
     # run a pair's prompt once for both responses (exact); off by default: with 2 CPU threads it measured slower
     # than two whole sequences (README, Performance)
     share_prompts: bool = False
+    # each pair as one row [prompt | chosen | rejected] with a mask keeping the responses apart (exact; the
+    # prompt runs once in one pass; trainers.packing): the training forward and the reference pass
+    pack_pairs: bool = True
     length_sort: bool = True  # inside each step, micro-batches of similar length (trainers.batch_order)
     trust_remote_code: bool = False
     progress: bool = True

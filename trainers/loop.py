@@ -38,7 +38,7 @@ def fit(config: TrainConfig, acc, model, pad_id: int, encoded: Sequence[Encoded]
     if they were made under the same `key`. `on_step` sees each step's record.
     """
     optimizer, scheduler = make_optimizer(model, config, len(steps))
-    net, optimizer = acc.prepare(PairLogps(model, pad_id, config.share_prompts), optimizer)
+    net, optimizer = acc.prepare(PairLogps(model, pad_id, config.share_prompts, pack_pairs=config.pack_pairs), optimizer)
     # the scheduler's state is saved as JSON in the checkpoint (accelerate would pickle a registered object)
     start = checkpoint.restore(acc, partial, key, scheduler) if config.resume else 0
     log = checkpoint.MetricsLog(partial / "metrics.jsonl", start, acc.is_main_process)

@@ -55,6 +55,10 @@ def train_command(
     share_prompts: Annotated[bool, typer.Option(
         "--share-prompts", help="Run each pair's prompt once for both responses (exact; fewer FLOPs, but on a "
                                 "2-core CPU slower than two whole sequences, so off by default).")] = False,
+    pack_pairs: Annotated[bool, typer.Option(
+        "--pack/--no-pack", help="Run each pair as one row, prompt, chosen and rejected, with a mask "
+                                             "keeping the responses apart (exact; the prompt runs once). Models "
+                                             "of other families run whole sequences.")] = True,
     dtype: Annotated[str, typer.Option("--dtype", help="The policy's compute dtype (its weights stay float32): "
                                "auto (bfloat16 autocast on a GPU or on a CPU with AVX512_BF16 or AMX, else "
                                "float32), float32, bfloat16 or float16. A reference computed here loads in it too "
@@ -96,7 +100,7 @@ def train_command(
         gamma=gamma, eps=eps, recompute_ref=recompute_ref, trust_stored_ref=trust_stored_ref, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, micro_batch=micro_batch,
         epochs=epochs, max_steps=max_steps, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-        save_adapter=save_adapter, gradient_checkpointing=gradient_checkpointing, share_prompts=share_prompts, dtype=dtype, device=device,
+        save_adapter=save_adapter, gradient_checkpointing=gradient_checkpointing, share_prompts=share_prompts, pack_pairs=pack_pairs, dtype=dtype, device=device,
         max_length=max_length, max_prompt_length=max_prompt_length, save_steps=save_steps, resume=resume,
         overwrite=overwrite, live_ref=live_ref, trust_remote_code=trust_remote_code, progress=not quiet,
         report_to=report_to, logging_dir=logging_dir)
@@ -114,7 +118,7 @@ PANELS = {
     "Loss": ("loss", "beta", "delta", "gamma", "eps", "recompute_ref", "trust_stored_ref", "live_ref"),
     "Optimisation": ("lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "epochs",
                      "max_steps", "seed"),
-    o.PERFORMANCE: ("micro_batch", "gradient_checkpointing", "share_prompts", "dtype", "device"),
+    o.PERFORMANCE: ("micro_batch", "gradient_checkpointing", "share_prompts", "pack_pairs", "dtype", "device"),
     o.RESUME: ("save_steps", "resume"),
 }
 

@@ -527,7 +527,7 @@ def whole_report(args, runs: list[dict], enc, seq: list[int], resp: int, shape: 
         trl, sera = (next(r for r in runs if r["round"] == i and r["tool"] == t) for t in ("trl", "sera"))
         gap = max((abs(a - b) for a, b in zip(trl["losses"], sera["losses"], strict=False)), default=math.nan)
         probe = next(r["probe"] for r in runs if r["round"] == i and "probe" in r)
-        tokens = 2 * sum(len(e.prompt) for e in enc) + resp  # each sequence unpadded, prompts twice
+        tokens = sum(len(e.prompt) for e in enc) + resp  # sera's packed rows, unpadded: each prompt once
         ref = train_flops(shape, sum(len(e.prompt) for e in enc) + resp, resp, backward=False)
         loop = train_flops(shape, tokens, resp, backward=True)
         peak = max(probe.values())
@@ -546,7 +546,7 @@ def whole_report(args, runs: list[dict], enc, seq: list[int], resp: int, shape: 
               f"{', '.join(f'{k} {v:.0f}' for k, v in probe.items())}; sera's reference pass and loop at the "
               f"best of these, unpadded, attention left out, take at least {floor:.1f} s (loop "
               f"{loop / peak / 1e9:.1f} s, {loop / sera['loop_s'] / 1e9:.0f} GFLOP/s achieved in the loop "
-              f"counting unpadded tokens); with sera's loop at that floor and nothing else changed the ratio "
+              f"counting the packed rows' unpadded tokens, each prompt once); with sera's loop at that floor and nothing else changed the ratio "
               f"would be at most {best:.2f}x")
         print("  step losses  TRL " + " ".join(f"{x:.6f}" for x in trl["losses"]) + "  sera " +
               " ".join(f"{x:.6f}" for x in sera["losses"]))

@@ -1,10 +1,11 @@
-"""Prompt sharing in training: forward + backward of a micro-batch of pairs, shared against unshared.
+"""Running a pair's prompt once in training: forward + backward of a micro-batch of pairs, packed rows
+(`trainers.packing`, the default) and a key/value cache (`--share-prompts`) against two whole sequences.
 
     python tests/bench/train_forward.py --pairs 16 --micro-batch 4 --repeats 5
 
-Both variants run in this process on the same micro-batches of HH-RLHF helpful-base pairs (SmolLM2-135M,
+The three variants run in this process on the same micro-batches of HH-RLHF helpful-base pairs (SmolLM2-135M,
 float32, max length 256/128), alternating, the best of `--repeats` kept per micro-batch; the gradients are
-compared too. Prints seconds per pair and the ratio unshared / shared (> 1: sharing pays).
+compared too. Prints seconds per pair and the ratios unshared / shared and unshared / packed (> 1: it pays).
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def main() -> None:
     rows = hh_pairs(limit=args.pairs)
     enc = [encode(tok, r["prompt"], [r["chosen"], r["rejected"]], 256, 128) for r in rows]
     batches = [enc[i:i + args.micro_batch] for i in range(0, len(enc), args.micro_batch)]
-    variants = {"shared": PairLogps(model, tok.pad_token_id, True), "unshared": PairLogps(model, tok.pad_token_id,
-                                                                                         False)}
+    variants = {"shared": PairLogps(model, tok.pad_token_id, True),
+                "unshared": PairLogps(model, tok.pad_token_id, False),
+                "packed": PairLogps(model, tok.pad_token_id, False, pack_pairs=True)}
     assert variants["shared"].share, "this model cannot share prompts"
+    assert variants["packed"].packs(enc), "this model cannot pack pairs"
     best = {v: [float("inf")] * len(batches) for v in variants}
     grads: dict[str, list[torch.Tensor]] = {}
     for rep in range(args.repeats):
@@ -68,7 +71,8 @@ def main() -> None:
                 best[name][b] = min(best[name][b], time.perf_counter() - t0)
                 if rep == 0 and b == 0:
                     grads[name] = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
-    diff = max((a - b).abs().max().item() for a, b in zip(grads["shared"], grads["unshared"], strict=True))
+    diff = {v: max((a - b).abs().max().item() for a, b in zip(grads[v], grads["unshared"], strict=True))
+            for v in ("shared", "packed")}
     scale = max(g.abs().max().item() for g in grads["unshared"])
     per_pair = {v: sum(t) / len(enc) for v, t in best.items()}
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -78,8 +82,9 @@ def main() -> None:
           f"load average after {load}")
     for v, s in per_pair.items():
         print(f"{v:<10} {s:.3f} s/pair")
-    print(f"unshared / shared: {per_pair['unshared'] / per_pair['shared']:.2f}x; largest gradient difference "
-          f"{diff:.2e} (largest gradient {scale:.2e})")
+    for v in ("shared", "packed"):
+        print(f"unshared / {v}: {per_pair['unshared'] / per_pair[v]:.2f}x; largest gradient difference "
+              f"{diff[v]:.2e} (largest gradient {scale:.2e})")
 
 
 if __name__ == "__main__":

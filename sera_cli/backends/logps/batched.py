@@ -36,13 +36,15 @@ PROMPT_WINDOW_TOKENS = 16384  # prompt tokens whose keys and values are held at 
 
 def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_tokens: int = 1024,
                     on_batch: Callable[[int, int], None] | None = None,
-                    share_prompts: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    share_prompts: bool = True, pack: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs and response token counts of (ids, prompt_len) sequences, in input order.
 
     Each distinct prompt runs once and its responses are scored from its keys and values
     (`trainers.prefix_sharing`: a pair's chosen and rejected, a prompt's candidates); prompts and responses are
     batched apart, each by its own length. Sequences without a prompt, models whose logits are not a plain
-    projection, and `share_prompts=False` run as whole sequences in length-sorted padded batches.
+    projection, and `share_prompts=False` run as whole sequences in length-sorted padded batches. With `pack`,
+    a model that `trainers.packing.can_pack` covers runs each prompt with its responses as one packed row instead
+    (one pass, no cache; what `train` uses for its reference pass, as its training forward packs the pairs).
     `on_batch(n_sequences, n_tokens)` is called after each batch with the sequences' full token counts (for
     progress bars).
     """
@@ -56,6 +58,11 @@ def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: i
     ntok = np.zeros(len(sequences), dtype=np.int64)
     device = next(model.parameters()).device
     share = share_prompts and can_share(model)
+    if share and pack:
+        from trainers.packing import can_pack
+
+        if can_pack(model, max((len(ids) for ids, _ in sequences), default=0)):
+            return _packed_logps(model, sequences, pad_id, batch_tokens, on_batch)
     shared = [i for i, (_, plen) in enumerate(sequences) if share and plen > 0]
     single = [i for i, (_, plen) in enumerate(sequences) if not (share and plen > 0)]
     with torch.inference_mode():
@@ -81,6 +88,40 @@ def sequences_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: i
             ntok[idx] = n.cpu().numpy()
             if on_batch:
                 on_batch(len(idx), int(batch["attention_mask"].sum()))
+    return logp, ntok
+
+
+def _packed_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_tokens: int,
+                  on_batch: Callable[[int, int], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """`sequences_logps` with each prompt and its responses as one packed row (`trainers.packing`), rows in
+    length-sorted batches of about `batch_tokens`; sequences without a prompt run as whole sequences."""
+    import torch
+
+    from trainers.batching import length_batches
+    from trainers.packing import packed_length, packed_logps
+
+    logp = np.zeros(len(sequences), dtype=np.float64)
+    ntok = np.zeros(len(sequences), dtype=np.int64)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, plen) in enumerate(sequences):
+        if plen > 0:
+            groups.setdefault(tuple(ids[:plen]), []).append(i)
+    rows = list(groups.items())
+    lengths = [packed_length(p, [sequences[i][0][len(p):] for i in idx]) for p, idx in rows]
+    with torch.inference_mode():
+        for b in length_batches(lengths, batch_tokens):
+            batch = [(list(rows[r][0]), [sequences[i][0][len(rows[r][0]):] for i in rows[r][1]]) for r in b]
+            lp, n = packed_logps(model, batch, pad_id)
+            lp, n = lp.double().cpu().numpy(), n.cpu().numpy()
+            for j, r in enumerate(b):
+                for k, i in enumerate(rows[r][1]):
+                    logp[i], ntok[i] = lp[k * len(b) + j], n[k * len(b) + j]
+            if on_batch:
+                on_batch(sum(len(rows[r][1]) for r in b), sum(len(sequences[i][0]) for r in b for i in rows[r][1]))
+    rest = [i for i, (_, plen) in enumerate(sequences) if plen == 0]
+    if rest:
+        lp, n = sequences_logps(model, [sequences[i] for i in rest], pad_id, batch_tokens, on_batch, False)
+        logp[rest], ntok[rest] = lp, n
     return logp, ntok
 
 

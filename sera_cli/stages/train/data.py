@@ -249,7 +249,7 @@ def compute_reference(plan: RefPlan, pairs: Pairs, rows: np.ndarray, config: Tra
     with status if config.progress else contextlib.nullcontext():
         # padding is masked out, so any id in the vocabulary pads (pairs.pad_id: the policy tokenizer's)
         logp, _ = sequences_logps(model, flat_sequences([pairs.encoded[i] for i in rows]), pairs.pad_id,
-                                  config.ref_batch_tokens)
+                                  config.ref_batch_tokens, pack=config.pack_pairs)
     del model
     gc.collect()
     chosen, rejected = plan.chosen.copy(), plan.rejected.copy()
