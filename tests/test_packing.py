@@ -12,7 +12,8 @@ from test_train_forward import _grads, encoded_rows, loss_and_grads
 from sera_cli.backends.logps.batched import flat_sequences, sequences_logps
 from sera_cli.backends.models import load_model, load_tokenizer, resolve
 from trainers.forward import PairLogps
-from trainers.packing import can_pack, pack, packed_logps
+from trainers import packing
+from trainers.packing import can_pack, pack, packed_logps, split_responses
 
 
 def test_pack_builds_the_row_mask_positions_and_targets_by_hand():
@@ -38,6 +39,13 @@ def test_pack_builds_the_row_mask_positions_and_targets_by_hand():
         pack([([], [[1], [2]])], pad_id=0)
 
 
+def test_a_prompts_responses_are_spread_over_rows_within_the_limit():
+    assert split_responses(10, [5, 5, 5], 30) == [[0, 1, 2]]  # 10 + 15 fits
+    assert split_responses(10, [5, 5, 5], 20) == [[0, 1], [2]]
+    assert split_responses(10, [50, 5, 5], 20) == [[0], [1, 2]]  # too long alone: a row of its own
+    assert split_responses(10, [], 20) == []
+
+
 def _independent(model, prompt: list[int], response: list[int]) -> float:
     """sum log softmax(logits)[next token] over the response of the whole sequence, one row, float64."""
     ids = torch.tensor([prompt + response])
@@ -48,7 +56,7 @@ def _independent(model, prompt: list[int], response: list[int]) -> float:
 
 
 @pytest.mark.parametrize("table_fn", [standard_table, conversational_table], ids=["standard", "conversational"])
-def test_packed_logps_equal_an_independent_whole_sequence_computation(tiny_policy, table_fn):
+def test_packed_logps_equal_an_independent_whole_sequence_computation(tiny_policy, table_fn, monkeypatch):
     ref = resolve(tiny_policy)
     tok, model = load_tokenizer(ref), load_model(ref, "float32", "cpu")
     encoded = encoded_rows(tok, table_fn())
@@ -60,12 +68,17 @@ def test_packed_logps_equal_an_independent_whole_sequence_computation(tiny_polic
         for b, e in enumerate(encoded):
             assert ntok[k * n + b] == len(e.responses[k])
             assert logps[k * n + b].item() == pytest.approx(_independent(model, e.prompt, e.responses[k]), abs=1e-4)
-    # the reference pass: packed rows grouped by prompt (one prompt has 4 responses here) equal the default path
+    # the reference pass: packed rows grouped by prompt (one prompt has 4 responses here) equal the default path,
+    # also when a row's limit spreads a prompt's responses over several rows
     seqs = flat_sequences(encoded)
-    packed, n_packed = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=96, pack=True)
     plain, n_plain = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=96)
-    assert n_packed.tolist() == n_plain.tolist()
-    assert abs(packed - plain).max() < 1e-4
+    for limit in (packing.MAX_ROW_TOKENS, 1):
+        monkeypatch.setattr(packing, "MAX_ROW_TOKENS", limit)
+        packed, n_packed = sequences_logps(model, seqs, tok.pad_token_id, batch_tokens=96, pack=True)
+        assert n_packed.tolist() == n_plain.tolist()
+        assert abs(packed - plain).max() < 1e-4
+    # pairs longer than the limit train as whole sequences
+    assert not PairLogps(model, tok.pad_token_id, share_prompts=False, pack_pairs=True).packs(encoded)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -95,10 +95,11 @@ class PairLogps(torch.nn.Module):
         return torch.cat([lp for lp, _ in parts])[back], torch.cat([n for _, n in parts])[back]
 
     def packs(self, encoded: Sequence[Encoded]) -> bool:
-        from trainers.packing import can_pack
+        from trainers.packing import MAX_ROW_TOKENS, can_pack, packed_length
 
         longest = max(len(e.prompt) + len(r) for e in encoded for r in e.responses)
-        return all(e.prompt for e in encoded) and can_pack(self.model, longest)
+        return (all(e.prompt for e in encoded) and can_pack(self.model, longest)
+                and max(packed_length(e.prompt, e.responses) for e in encoded) <= MAX_ROW_TOKENS)
 
     def _packed(self, encoded: Sequence[Encoded], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each pair as one row [prompt | chosen | rejected] (`trainers.packing`), rows of similar length run

@@ -24,6 +24,10 @@ import torch
 # positions from position_ids, and a decoder that uses a 4-D mask as given.
 PACKED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"})
 PAD, PROMPT = -1, 0  # segment ids; the responses are 1, 2, ...
+# The longest packed row: its mask is [T, T] per row, and its attention scores grow as T^2 while the linear
+# layers grow as T. Pairs whose row is longer run as whole sequences; a prompt's many responses (a reference
+# pass) are spread over rows of at most this (a row holds at least one response).
+MAX_ROW_TOKENS = 4096
 
 
 def _config(model):
@@ -47,6 +51,22 @@ def can_pack(model, longest: int | None = None) -> bool:
 
 def packed_length(prompt: Sequence[int], responses: Sequence[Sequence[int]]) -> int:
     return len(prompt) + sum(len(r) for r in responses)
+
+
+def split_responses(prompt_length: int, lengths: Sequence[int], limit: int | None = None) -> list[list[int]]:
+    """Indices of one prompt's responses (token counts `lengths`) cut, in order, into rows whose packed length
+    stays within `limit` (default `MAX_ROW_TOKENS`); a response longer than that gets a row of its own."""
+    limit = MAX_ROW_TOKENS if limit is None else limit
+    rows: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(lengths):
+        if rows and size + n <= limit:
+            rows[-1].append(i)
+            size += n
+        else:
+            rows.append([i])
+            size = prompt_length + n
+    return rows
 
 
 def pack(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int, eager_dtype=None):

@@ -98,7 +98,7 @@ def _packed_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int
     import torch
 
     from trainers.batching import length_batches
-    from trainers.packing import packed_length, packed_logps
+    from trainers.packing import packed_length, packed_logps, split_responses
 
     logp = np.zeros(len(sequences), dtype=np.float64)
     ntok = np.zeros(len(sequences), dtype=np.int64)
@@ -106,7 +106,8 @@ def _packed_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int
     for i, (ids, plen) in enumerate(sequences):
         if plen > 0:
             groups.setdefault(tuple(ids[:plen]), []).append(i)
-    rows = list(groups.items())
+    rows = [(p, [idx[k] for k in part]) for p, idx in groups.items()
+            for part in split_responses(len(p), [len(sequences[i][0]) - len(p) for i in idx])]
     lengths = [packed_length(p, [sequences[i][0][len(p):] for i in idx]) for p, idx in rows]
     with torch.inference_mode():
         for b in length_batches(lengths, batch_tokens):
