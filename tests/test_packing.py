@@ -11,8 +11,8 @@ from test_train_forward import _grads, encoded_rows, loss_and_grads
 
 from sera_cli.backends.logps.batched import flat_sequences, sequences_logps
 from sera_cli.backends.models import load_model, load_tokenizer, resolve
-from trainers.forward import PairLogps
 from trainers import packing
+from trainers.forward import PairLogps
 from trainers.packing import can_pack, pack, packed_logps, split_responses
 
 

@@ -61,7 +61,7 @@ class TrainConfig(Settings):
     overwrite: bool = False
     live_ref: bool = False  # run the reference model every step (the baseline that reuse is measured against)
     # run a pair's prompt once for both responses (exact); off by default: with 2 CPU threads it measured slower
-    # than two whole sequences (README, Performance)
+    # than two whole sequences (docs/performance.md); packing (pack_pairs) runs the prompt once faster
     share_prompts: bool = False
     # each pair as one row [prompt | chosen | rejected] with a mask keeping the responses apart (exact; the
     # prompt runs once in one pass; trainers.packing): the training forward and the reference pass

@@ -2,8 +2,8 @@
 
 By default (`pack_pairs`) each pair runs as one packed row, [prompt | chosen | rejected] under a mask that keeps
 the responses apart (`trainers.packing`): the prompt goes through the linear layers once, in one pass of
-ordinary-sized matrices, which made a forward and backward of multi-turn HH-RLHF pairs 1.4-1.5x faster than
-two whole sequences on a 2-core CPU (docs/performance.md). Models that packing does not cover (`can_pack`)
+ordinary-sized matrices, which made a forward and backward of HH-RLHF pairs 1.34x faster than two whole
+sequences on a 2-core CPU (tests/bench/train_forward.py, docs/performance.md). Models that packing does not cover (`can_pack`)
 take one of the paths below.
 
 A pair's chosen and rejected responses share the prompt, so the prompt runs once: its keys and values feed both

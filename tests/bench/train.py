@@ -8,8 +8,8 @@ includes its reference pass, and the fused log-prob head it uses by default) aga
 reference log-probs from the input (scored first, not timed, as `select` needs them anyway). Same pairs, same
 max length (TRL's keep_start truncation: pairs whose prompt alone fills it are left out of both, as TRL drops
 them), same batch and micro-batch, lr, beta, no warmup, the same step order (TRL's sampler is made to follow
-sera's seeded order, so the step losses can be compared side by side), and an unshared `sera train` run
-(`share_prompts=False`) to show that running each prompt once changes no loss.
+sera's seeded order, so the step losses can be compared side by side), and a `sera train --no-pack` run (each
+pair as two whole sequences, `pack_pairs=False`) to show that running each prompt once changes no loss.
 `--baseline none`: `sera train` alone.
 
     python tests/bench/train.py --baseline trl --pairs 32 --dtype float32            # HH-RLHF helpful-base
@@ -80,7 +80,7 @@ def child(args) -> None:
                          micro_batch=args.micro_batch, max_length=args.max_length,
                          max_prompt_length=args.max_prompt_length, max_steps=args.max_steps,
                          warmup_ratio=args.warmup_ratio, dtype=args.dtype, lora_r=args.lora_r, save_steps=0,
-                         seed=args.seed, share_prompts=args.variant != "unshared", progress=False)
+                         seed=args.seed, pack_pairs=args.variant != "unshared", progress=False)
     summary = train(config)
     records = [json.loads(x) for x in Path(args.out, "metrics.jsonl").read_text().splitlines()]
     peak, memory = peak_memory()
@@ -246,7 +246,7 @@ def main() -> None:
     p.add_argument("--baseline", choices=("live", "trl", "none"), default="live")
     p.add_argument("--no-baseline", dest="baseline", action="store_const", const="none", help="--baseline none")
     p.add_argument("--unshared", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --baseline trl: also run sera with prompts not shared (the exactness check)")
+                   help="with --baseline trl: also run sera with --no-pack, whole sequences (the exactness check)")
     p.add_argument("--trl-pairs", action="store_true",
                    help="the pairs and settings of --baseline trl without running TRL (e.g. a bfloat16 sera run)")
     p.add_argument("--rescore", action="store_true", help="score the training pairs with the trained policy")
@@ -346,7 +346,7 @@ def report(args, best: dict[str, dict], score_s: float, load, before, after) -> 
     unit = f"peak {stored['memory']} MiB"
     print(f"{'':40}{'loop s/pair':>12}{'run s/pair':>12}{'CPU s/pair':>12}{unit:>24}")
     names = {"live": "baseline: reference every step", "trl": "TRL DPOTrainer (precomputed ref)",
-             "unshared": "sera train, prompts not shared", "stored": "sera train"}
+             "unshared": "sera train --no-pack (whole sequences)", "stored": "sera train"}
     for variant in ("live", "trl", "unshared", "stored"):
         if variant in best:
             r = best[variant]
@@ -356,7 +356,7 @@ def report(args, best: dict[str, dict], score_s: float, load, before, after) -> 
     if base is None:
         return
     shown = [v for v in ("live", "trl", "unshared", "stored") if v in best]
-    short = {"live": "live ref", "trl": "TRL", "unshared": "sera unshared", "stored": "sera"}
+    short = {"live": "live ref", "trl": "TRL", "unshared": "sera no-pack", "stored": "sera"}
     print("step losses " + "".join(f"{short[v]:>16}" for v in shown))
     for step in range(min(8, min(len(best[v]["losses"]) for v in shown))):
         print(f"{step:11d} " + "".join(f"{best[v]['losses'][step]:16.6f}" for v in shown))
