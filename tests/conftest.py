@@ -100,3 +100,32 @@ def scored(tmp_path_factory, tiny_policy, tiny_ref) -> str:
     score(ScoreConfig(inputs=(str(folder / "pairs.parquet"),), output=out, policy=tiny_policy, ref=tiny_ref,
                       progress=False))
     return out
+
+
+def plain_logp(model, prompt: list[int], response: list[int]) -> float:
+    """The independent computation: the model's own forward of the whole sequence, log_softmax in float64,
+    gather, sum over the response."""
+    import torch
+
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    return float(logp.gather(-1, torch.tensor(response).unsqueeze(-1)).sum())
+
+
+def assert_packed_equals_plain(model, encoded, pad_id: int, abs_tol: float) -> None:
+    """Each pair packed into one row (`trainers.packing.packed_logps`): every response's token count and summed
+    log-prob equal those of its whole sequence's plain forward (`plain_logp`)."""
+    import torch
+
+    from trainers.packing import packed_logps
+
+    with torch.no_grad():
+        logps, ntok = packed_logps(model, [(e.prompt, e.responses) for e in encoded], pad_id)
+    n = len(encoded)
+    for k in (0, 1):
+        for b, e in enumerate(encoded):
+            assert ntok[k * n + b] == len(e.responses[k])
+            want = plain_logp(model, e.prompt, list(e.responses[k]))
+            assert logps[k * n + b].item() == pytest.approx(want, abs=abs_tol)

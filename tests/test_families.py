@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_packed_equals_plain, plain_logp
 from families import END_OF_TURN, FAMILIES, TEMPLATE_TEXT, TOKENIZERS, build
 from typer.testing import CliRunner
 
@@ -71,15 +72,6 @@ def trl_split(tok, prompt, chosen):
     return list(p[:n]), list(full[n:])
 
 
-def plain_logp(model, prompt: list[int], response: list[int]) -> float:
-    """The independent computation: the model's own forward, log_softmax, gather, sum."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
-    return float(logp.gather(-1, torch.tensor(response).unsqueeze(-1)).sum())
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rows", [MESSAGE_ROWS, STRING_ROWS], ids=["messages", "strings"])
 def test_score_matches_trl_tokens_and_a_plain_forward(tmp_path, family_models, family, rows):
@@ -121,20 +113,13 @@ def test_packed_pairs_equal_a_plain_forward(family_models, family):
     eager attention, Gemma 3's and Mistral's sliding-window layers, with rows inside the window)."""
     from sera_cli.backends.models import load_model, load_tokenizer, resolve
     from trainers.encode import encode
-    from trainers.packing import can_pack, packed_logps
+    from trainers.packing import can_pack
 
     folder = family_models[family]
     tok, model = load_tokenizer(resolve(folder)), load_model(resolve(folder), "float32", "cpu")
     encoded = [encode(tok, p, [c, r], 1024, 512) for p, c, r in MESSAGE_ROWS]
     assert can_pack(model, max(len(e.prompt) + len(x) for e in encoded for x in e.responses)), family
-    with torch.no_grad():
-        logps, ntok = packed_logps(model, [(e.prompt, e.responses) for e in encoded], tok.pad_token_id)
-    n = len(encoded)
-    for k in (0, 1):
-        for b, e in enumerate(encoded):
-            assert ntok[k * n + b] == len(e.responses[k])
-            assert logps[k * n + b].item() == pytest.approx(plain_logp(model, e.prompt, list(e.responses[k])),
-                                                            abs=1e-3)
+    assert_packed_equals_plain(model, encoded, tok.pad_token_id, abs_tol=1e-3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

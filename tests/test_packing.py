@@ -4,16 +4,18 @@ loss and every gradient equal to two whole sequences; models it does not cover f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-from conftest import conversational_table, standard_table
+from conftest import assert_packed_equals_plain, conversational_table, standard_table
 from test_train_forward import _grads, encoded_rows, loss_and_grads
 
 from sera_cli.backends.logps.batched import flat_sequences, sequences_logps
 from sera_cli.backends.models import load_model, load_tokenizer, resolve
 from trainers import packing
 from trainers.forward import PairLogps
-from trainers.packing import can_pack, pack, packed_logps, split_responses
+from trainers.packing import can_pack, pack, split_responses
 
 
 def test_pack_builds_the_row_mask_positions_and_targets_by_hand():
@@ -46,28 +48,13 @@ def test_a_prompts_responses_are_spread_over_rows_within_the_limit():
     assert split_responses(10, [], 20) == []
 
 
-def _independent(model, prompt: list[int], response: list[int]) -> float:
-    """sum log softmax(logits)[next token] over the response of the whole sequence, one row, float64."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0].double()
-    logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
-    return float(logp[len(prompt) - 1:].sum())
-
-
 @pytest.mark.parametrize("table_fn", [standard_table, conversational_table], ids=["standard", "conversational"])
 def test_packed_logps_equal_an_independent_whole_sequence_computation(tiny_policy, table_fn, monkeypatch):
     ref = resolve(tiny_policy)
     tok, model = load_tokenizer(ref), load_model(ref, "float32", "cpu")
     encoded = encoded_rows(tok, table_fn())
     assert can_pack(model, 10_000)
-    with torch.no_grad():
-        logps, ntok = packed_logps(model, [(e.prompt, e.responses) for e in encoded], tok.pad_token_id)
-    n = len(encoded)
-    for k in (0, 1):
-        for b, e in enumerate(encoded):
-            assert ntok[k * n + b] == len(e.responses[k])
-            assert logps[k * n + b].item() == pytest.approx(_independent(model, e.prompt, e.responses[k]), abs=1e-4)
+    assert_packed_equals_plain(model, encoded, tok.pad_token_id, abs_tol=1e-4)
     # the reference pass: packed rows grouped by prompt (one prompt has 4 responses here) equal the default path,
     # also when a row's limit spreads a prompt's responses over several rows
     seqs = flat_sequences(encoded)
@@ -126,10 +113,4 @@ def test_models_packing_does_not_cover_run_whole_sequences(tiny_policy):
     with torch.no_grad():
         logps, _ = net(encoded)  # runs, as whole sequences
     assert torch.isfinite(logps).all()
-    assert not net.packs([encode_no_prompt(e) for e in encoded])
-
-
-def encode_no_prompt(e):
-    from trainers.encode import Encoded
-
-    return Encoded([], e.responses, e.truncated)
+    assert not net.packs([replace(e, prompt=[]) for e in encoded])

@@ -3,8 +3,8 @@
 By default (`pack_pairs`) each pair runs as one packed row, [prompt | chosen | rejected] under a mask that keeps
 the responses apart (`trainers.packing`): the prompt goes through the linear layers once, in one pass of
 ordinary-sized matrices, which made a forward and backward of HH-RLHF pairs 1.34x faster than two whole
-sequences on a 2-core CPU (tests/bench/train_forward.py, docs/performance.md). Models that packing does not cover (`can_pack`)
-take one of the paths below.
+sequences on a 2-core CPU (tests/bench/train_forward.py, docs/performance.md). Models that packing does not
+cover (`can_pack`) take one of the paths below.
 
 A pair's chosen and rejected responses share the prompt, so the prompt runs once: its keys and values feed both
 continuations and gradients flow back through them (`trainers.prefix_sharing.batch_shared_logps`, the
@@ -89,10 +89,7 @@ class PairLogps(torch.nn.Module):
         for group in groups:
             batch = collate([sequences[i] for i in group], self.pad_id)
             parts.append(sequence_logps(self.model, **{k: v.to(device) for k, v in batch.items()}))
-        if len(parts) == 1 and groups[0] == list(range(len(sequences))):
-            return parts[0]
-        back = torch.argsort(torch.tensor([i for group in groups for i in group], device=device))
-        return torch.cat([lp for lp, _ in parts])[back], torch.cat([n for _, n in parts])[back]
+        return _in_order(parts, [i for group in groups for i in group], device)
 
     def packs(self, encoded: Sequence[Encoded]) -> bool:
         from trainers.packing import MAX_ROW_TOKENS, can_pack, packed_length
@@ -107,13 +104,19 @@ class PairLogps(torch.nn.Module):
         from trainers.packing import packed_length, packed_logps
 
         groups = length_groups([packed_length(e.prompt, e.responses) for e in encoded], self.split_tokens)
-        logps, ntok, order = [], [], []
+        parts, order = [], []
         for group in groups:
-            lp, n = packed_logps(self.model, [(encoded[i].prompt, encoded[i].responses) for i in group], self.pad_id)
-            logps.append(lp)
-            ntok.append(n)
+            parts.append(packed_logps(self.model, [(encoded[i].prompt, encoded[i].responses) for i in group],
+                                      self.pad_id))
             order += group + [len(encoded) + i for i in group]  # the group's chosen, then its rejected
-        if order == list(range(2 * len(encoded))):
-            return logps[0], ntok[0]
-        back = torch.argsort(torch.tensor(order, device=device))
-        return torch.cat(logps)[back], torch.cat(ntok)[back]
+        return _in_order(parts, order, device)
+
+
+def _in_order(parts: list[tuple[torch.Tensor, torch.Tensor]], order: list[int],
+              device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, counts) of calls whose entries concatenated are the sequences `order`, put back in sequence
+    order."""
+    if len(parts) == 1 and order == list(range(len(order))):
+        return parts[0]
+    back = torch.argsort(torch.tensor(order, device=device))
+    return torch.cat([lp for lp, _ in parts])[back], torch.cat([n for _, n in parts])[back]

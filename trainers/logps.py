@@ -39,10 +39,15 @@ class Head:
         return m.weight, m.bias
 
 
+def text_config(model):
+    """The decoder's own config (a multimodal model's text part; the config itself otherwise)."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
 def _head(model):
     """(decoder, Head) when the model's logits are a function of the decoder's last hidden state alone."""
-    cfg = model.config
-    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(model)
     cap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(cfg, "logit_scale", None)
     if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):  # Granite divides its logits

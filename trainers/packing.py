@@ -30,23 +30,18 @@ PAD, PROMPT = -1, 0  # segment ids; the responses are 1, 2, ...
 MAX_ROW_TOKENS = 4096
 
 
-def _config(model):
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
-def can_pack(model, longest: int | None = None) -> bool:
+def can_pack(model, longest: int) -> bool:
     """Whether a pair may run as one packed row on `model` (possibly PEFT-wrapped), for rows whose longest
     sequence (prompt + one response) is `longest` tokens."""
-    from trainers.logps import _head
+    from trainers.logps import _head, text_config
 
-    cfg = _config(model)
+    cfg = text_config(model)
     if getattr(cfg, "model_type", None) not in PACKED_TYPES or _head(model) is None:
         return False
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     window = getattr(cfg, "sliding_window", None)
-    return window is None or (longest is not None and longest <= window)
+    return window is None or longest <= window
 
 
 def packed_length(prompt: Sequence[int], responses: Sequence[Sequence[int]]) -> int:
@@ -121,20 +116,19 @@ def packed_logps(model, rows: Sequence[tuple[Sequence[int], Sequence[Sequence[in
     of every row, then response 1, ...] (K x B entries for rows of up to K responses; a row's missing ones are
     0), from one packed forward (`pack`); the vocabulary projection at response tokens only, as
     `trainers.logps.sequence_logps` does."""
-    from trainers.logps import _head, projected_logps, sum_by_row
+    from trainers.logps import _head, projected_logps, sum_by_row, text_config
 
     parts = _head(model)
     if parts is None:
         raise ValueError("packing needs a model whose logits are a projection of the last hidden state")
     decoder, head = parts
-    device = next(model.parameters()).device
-    eager = getattr(_config(model), "_attn_implementation", None) == "eager"
-    batch = pack(rows, pad_id, eager_dtype=next(model.parameters()).dtype if eager else None)
-    hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                     position_ids=batch["position_ids"].to(device), use_cache=False).last_hidden_state
-    owner = batch["owner"].to(device)
-    picked = projected_logps(head, hidden.reshape(-1, hidden.shape[-1])[batch["source"].to(device)],
-                             batch["target"].to(device))
+    param = next(model.parameters())
+    eager = getattr(text_config(model), "_attn_implementation", None) == "eager"
+    batch = {k: v.to(param.device) for k, v in pack(rows, pad_id, param.dtype if eager else None).items()}
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    owner = batch["owner"]
+    picked = projected_logps(head, hidden.reshape(-1, hidden.shape[-1])[batch["source"]], batch["target"])
     n = max(len(rs) for _, rs in rows) * len(rows)
-    ntok = torch.zeros(n, dtype=torch.long, device=device).index_add(0, owner, torch.ones_like(owner))
+    ntok = torch.zeros(n, dtype=torch.long, device=param.device).index_add(0, owner, torch.ones_like(owner))
     return sum_by_row(picked, owner, n), ntok

@@ -106,19 +106,20 @@ def _packed_logps(model, sequences: Sequence[tuple[list[int], int]], pad_id: int
     for i, (ids, plen) in enumerate(sequences):
         if plen > 0:
             groups.setdefault(tuple(ids[:plen]), []).append(i)
-    rows = [(p, [idx[k] for k in part]) for p, idx in groups.items()
+    rows = [(list(p), [idx[k] for k in part]) for p, idx in groups.items()
             for part in split_responses(len(p), [len(sequences[i][0]) - len(p) for i in idx])]
-    lengths = [packed_length(p, [sequences[i][0][len(p):] for i in idx]) for p, idx in rows]
+    responses = [[sequences[i][0][len(p):] for i in idx] for p, idx in rows]
     with torch.inference_mode():
-        for b in length_batches(lengths, batch_tokens):
-            batch = [(list(rows[r][0]), [sequences[i][0][len(rows[r][0]):] for i in rows[r][1]]) for r in b]
-            lp, n = packed_logps(model, batch, pad_id)
+        for b in length_batches([packed_length(p, rs) for (p, _), rs in zip(rows, responses, strict=True)],
+                                batch_tokens):
+            lp, n = packed_logps(model, [(rows[r][0], responses[r]) for r in b], pad_id)
             lp, n = lp.double().cpu().numpy(), n.cpu().numpy()
             for j, r in enumerate(b):
                 for k, i in enumerate(rows[r][1]):
                     logp[i], ntok[i] = lp[k * len(b) + j], n[k * len(b) + j]
             if on_batch:
-                on_batch(sum(len(rows[r][1]) for r in b), sum(len(sequences[i][0]) for r in b for i in rows[r][1]))
+                on_batch(sum(len(rows[r][1]) for r in b),
+                         sum(len(rows[r][0]) * len(rows[r][1]) + packed_length([], responses[r]) for r in b))
     rest = [i for i, (_, plen) in enumerate(sequences) if plen == 0]
     if rest:
         lp, n = sequences_logps(model, [sequences[i] for i in rest], pad_id, batch_tokens, on_batch, False)
